@@ -1,0 +1,1 @@
+"""First-party collators, registered through the public hooks like any third-party plugin."""

@@ -1,0 +1,1 @@
+"""First-party perturbers, registered through the public hooks like any third-party plugin."""

@@ -1,0 +1,58 @@
+"""Exceptions raised by sft-plugins.
+
+Every message says what was wrong, where (plugin, file:line, example index) and what to do,
+so that a user can act on it without reading a traceback.
+"""
+
+from __future__ import annotations
+
+
+class SFTPluginsError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class PluginLoadError(SFTPluginsError):
+    """A plugin failed to import or raised while registering what it provides."""
+
+    def __init__(self, plugin: str, detail: str, *, distribution: str | None = None,
+                 entry_point: str | None = None, cause: BaseException | None = None) -> None:
+        self.plugin = plugin
+        self.distribution = distribution
+        self.entry_point = entry_point
+        self.cause = cause
+        where = f"plugin {plugin!r}"
+        if entry_point:
+            where += f" (entry point {entry_point!r}"
+            where += f" from distribution {distribution!r})" if distribution else ")"
+        super().__init__(
+            f"{where} {detail}. Fix or uninstall it, or disable it with "
+            f"SFT_PLUGINS_DISABLE={plugin}"
+        )
+
+
+class DuplicateNameError(SFTPluginsError):
+    """Two plugins registered the same name (or alias) for the same kind of item."""
+
+
+class UnknownNameError(SFTPluginsError, LookupError):
+    """A template, collator or perturber was asked for by a name nobody registered."""
+
+
+class PluginOptionError(SFTPluginsError, ValueError):
+    """A plugin item was given an option it does not accept, or a value it cannot use."""
+
+
+class TemplateError(SFTPluginsError, ValueError):
+    """A conversation cannot be rendered by a chat template, or a template is unusable."""
+
+
+class DataError(SFTPluginsError, ValueError):
+    """A data set, file or example is malformed."""
+
+
+class PerturberError(SFTPluginsError, ValueError):
+    """An embedding perturber was misconfigured or cannot be installed on a model."""
+
+
+class MaskingError(SFTPluginsError, ValueError):
+    """An example cannot be tokenized and masked as its collator requires."""

@@ -1,0 +1,210 @@
+"""Building a plugin manager: first-party plugins, then third-party entry points.
+
+``get_plugin_manager()`` is a factory: each call builds a fresh manager, so nothing global is
+created at import and tests can build one with only the plugins they name. First-party plugins
+are registered before entry points because pluggy calls the last registered implementation
+first: third-party plugins are therefore asked first by selection hooks and can override them.
+
+Environment variables:
+
+``SFT_PLUGINS_DISABLE=name1,name2``
+    Block plugins (entry-point names, distribution names or first-party module names) before
+    they are imported.
+``SFT_PLUGINS_TRACE=1``
+    Print every hook call, which plugin answered and what it returned, to standard error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Iterable
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from sft_plugins import PROJECT_NAME, hookspecs
+from sft_plugins.errors import PluginLoadError, SFTPluginsError
+from sft_plugins.registry import Registry
+
+if TYPE_CHECKING:
+    from sft_plugins.masking import MaskingCollator
+    from sft_plugins.perturb import Perturber
+    from sft_plugins.templates import ChatTemplate
+
+ENTRY_POINT_GROUP = PROJECT_NAME
+DISABLE_ENV = "SFT_PLUGINS_DISABLE"
+TRACE_ENV = "SFT_PLUGINS_TRACE"
+
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "sft_plugins_templates",
+    "sft_plugins_collators",
+    "sft_plugins_perturbers",
+)
+"""The first-party plugins, written against the public hook API like any third-party one."""
+
+
+def _disabled_from_env() -> set[str]:
+    raw = os.environ.get(DISABLE_ENV, "")
+    return {name.strip() for name in raw.split(",") if name.strip()}
+
+
+def _trace_enabled() -> bool:
+    return os.environ.get(TRACE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+class PluginManager:
+    """The loaded plugins and the registries they built: one method or attribute per hook.
+
+    ``pm`` is the underlying :class:`pluggy.PluginManager` for anything not wrapped here.
+    ``errors`` lists the third-party plugins that failed to load; they are reported, never
+    fatal, so that ``sft-plugins list`` still works when one is broken. A first-party plugin
+    (or one passed in code) that fails raises instead: that is a bug to fix, not to list.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager, errors: list[PluginLoadError],
+                 distributions: dict[str, str | None] | None = None,
+                 trace: Callable[[str], None] | None = None) -> None:
+        self.pm = pm
+        self.errors = errors
+        self.distributions = dict(distributions or {})
+        """Entry-point plugin name -> the distribution that provides it."""
+        self._trace = trace
+        self.templates: Registry[ChatTemplate] = Registry("chat template", errors)
+        self.collators: Registry[type[MaskingCollator]] = Registry("collator", errors)
+        self.perturbers: Registry[type[Perturber]] = Registry("perturber", errors)
+        self._collect("register_chat_templates", self.templates)
+        self._collect("register_collators", self.collators)
+        self._collect("register_perturbers", self.perturbers)
+
+    def _collect(self, hook_name: str, registry: Registry[Any]) -> None:
+        """Call one registration hook plugin by plugin, so every item and every failure is
+        attributed to the plugin it came from."""
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in caller.get_hookimpls():
+            plugin = impl.plugin_name
+            registered: list[Any] = []
+            try:
+                impl.function(register=registered.append)
+            except Exception as exc:
+                self._fail(plugin, f"raised {type(exc).__name__}: {exc} in {hook_name}", exc)
+                continue
+            for item in registered:
+                try:
+                    entry = registry.add(item, plugin)
+                except TypeError as exc:
+                    self._fail(plugin, f"{exc} in {hook_name}", exc)
+                    break
+                if self._trace:
+                    self._trace(f"{hook_name} [{plugin}] registered {registry.kind} "
+                                f"{entry.name!r}\n")
+
+    def _fail(self, plugin: str, detail: str, exc: BaseException) -> None:
+        if plugin not in self.distributions:  # not from an entry point: a bug, not user error
+            raise PluginLoadError(plugin, detail, cause=exc) from exc
+        self.errors.append(PluginLoadError(plugin, detail, entry_point=plugin,
+                                           distribution=self.distributions[plugin], cause=exc))
+
+    def plugin_names(self) -> list[str]:
+        """Names of the registered plugins, first-party first."""
+        return [name for name, _ in self.pm.list_name_plugin()]
+
+    def select_chat_template(self, tokenizer: Any) -> ChatTemplate | None:
+        """The registered template a plugin recognises for ``tokenizer``, or ``None``."""
+        text = getattr(tokenizer, "chat_template", None)
+        if isinstance(text, dict):  # tokenizers may carry several named templates
+            text = text.get("default")
+        name = self.pm.hook.select_chat_template(tokenizer=tokenizer, chat_template=text)
+        return None if name is None else self.templates.get(name)
+
+
+
+
+def _register_checked(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    """Register one plugin and validate its hooks, undoing the registration if invalid."""
+    pm.register(plugin, name=name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        pm.unregister(name=name)
+        raise
+
+
+def _load_entry_points(pm: pluggy.PluginManager, disabled: set[str],
+                       errors: list[PluginLoadError]) -> dict[str, str | None]:
+    """Import and register every enabled entry point; return plugin name -> distribution."""
+    loaded: dict[str, str | None] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist_name = ep.dist.name if ep.dist else None
+        if ep.name in disabled or (dist_name and dist_name in disabled):
+            pm.set_blocked(ep.name)
+            continue
+        if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+            _register_checked(pm, plugin, ep.name)
+        except Exception as exc:
+            errors.append(PluginLoadError(
+                ep.name, f"failed to load: {type(exc).__name__}: {exc}",
+                distribution=dist_name, entry_point=ep.name, cause=exc))
+            continue
+        loaded[ep.name] = dist_name
+    return loaded
+
+
+def get_plugin_manager(
+    *,
+    plugins: Iterable[object | str] | None = None,
+    load_entry_points: bool = True,
+    disabled: Iterable[str] | None = None,
+    trace: bool | None = None,
+) -> PluginManager:
+    """Build a fresh plugin manager.
+
+    ``plugins``: the plugins to register first, as modules, objects or importable module names
+    (default: the first-party plugins). ``load_entry_points``: also load third-party plugins
+    from the ``sft_plugins`` entry-point group. ``disabled``: plugin names to block (default:
+    ``SFT_PLUGINS_DISABLE``). ``trace``: print every hook call (default: ``SFT_PLUGINS_TRACE``).
+    """
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    blocked = set(disabled) if disabled is not None else _disabled_from_env()
+    writer: Callable[[str], None] | None = None
+    if trace if trace is not None else _trace_enabled():
+        def writer(message: str) -> None:
+            sys.stderr.write(f"[sft_plugins] {message}")
+
+        pm.trace.root.setwriter(writer)
+        pm.enable_tracing()
+
+    for plugin in DEFAULT_PLUGINS if plugins is None else plugins:
+        if isinstance(plugin, str):
+            if plugin in blocked:
+                pm.set_blocked(plugin)
+                continue
+            module = importlib.import_module(plugin)
+            pm.register(module, name=plugin)
+        else:
+            name = getattr(plugin, "__name__", None) or pm.get_canonical_name(plugin)
+            if name in blocked:
+                continue
+            pm.register(plugin, name=name)
+    pm.check_pending()
+
+    errors: list[PluginLoadError] = []
+    distributions = _load_entry_points(pm, blocked, errors) if load_entry_points else {}
+    return PluginManager(pm, errors, distributions, writer)
+
+
+__all__ = [
+    "DEFAULT_PLUGINS",
+    "DISABLE_ENV",
+    "ENTRY_POINT_GROUP",
+    "TRACE_ENV",
+    "PluginManager",
+    "SFTPluginsError",
+    "get_plugin_manager",
+]
