@@ -8,6 +8,7 @@ special tokens as Llama 3.1, in the same order, after a 2 048-token learned voca
 
 from __future__ import annotations
 
+import json
 import pydoc
 import random
 import string
@@ -92,4 +93,10 @@ def build() -> PreTrainedTokenizerFast:
 
 if __name__ == "__main__":
     build().save_pretrained(OUT)
+    # Name the class every transformers release knows, not this release's backend alias.
+    config_path = OUT / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config.pop("backend", None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     print(f"wrote {OUT}")

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks against TRL and transformers; see benchmarks/README.md."""

@@ -1,0 +1,72 @@
+"""The ``sft-plugins`` command (also ``python -m sft_plugins``).
+
+Each subcommand is a small function here or in its own module under ``sft_plugins.commands``;
+``main`` is the click group they hang from.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from sft_plugins import __version__
+from sft_plugins.errors import SFTPluginsError
+from sft_plugins.manager import PluginManager, get_plugin_manager
+
+
+class _Group(click.Group):
+    """Turns our own errors into one clear line and exit status 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except SFTPluginsError as exc:
+            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sft-plugins")
+def main() -> None:
+    """Supervised fine-tuning with pluggable chat templates, loss masks and embedding noise."""
+
+
+def _rows(manager: PluginManager) -> dict[str, list[dict[str, object]]]:
+    kinds = {"templates": manager.templates, "collators": manager.collators,
+             "perturbers": manager.perturbers}
+    listing: dict[str, list[dict[str, object]]] = {
+        kind: [{"name": e.name, "aliases": list(e.aliases), "plugin": e.plugin,
+                "description": e.description} for e in registry]
+        for kind, registry in kinds.items()
+    }
+    listing["errors"] = [
+        {"plugin": err.plugin, "distribution": err.distribution, "error": str(err)}
+        for err in manager.errors
+    ]
+    return listing
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+def list_command(as_json: bool) -> None:
+    """List every registered chat template, collator and perturber, and broken plugins."""
+    listing = _rows(get_plugin_manager())
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    console = Console()
+    for kind in ("templates", "collators", "perturbers"):
+        table = Table(title=kind.capitalize(), title_justify="left")
+        for column in ("name", "aliases", "plugin", "description"):
+            table.add_column(column)
+        for row in listing[kind]:
+            table.add_row(str(row["name"]), ", ".join(row["aliases"]),  # type: ignore[arg-type]
+                          str(row["plugin"]), str(row["description"]))
+        console.print(table)
+    for error in listing["errors"]:
+        console.print(f"[bold red]broken plugin[/] {error['plugin']}: {error['error']}",
+                      highlight=False)

@@ -1,0 +1,1 @@
+"""Subcommands of ``sft-plugins`` that are large enough to live in their own module."""
