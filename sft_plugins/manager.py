@@ -109,7 +109,7 @@ class PluginManager:
 
     def plugin_names(self) -> list[str]:
         """Names of the registered plugins, first-party first."""
-        return [name for name, _ in self.pm.list_name_plugin()]
+        return [name for name, plugin in self.pm.list_name_plugin() if plugin is not None]
 
     def select_chat_template(self, tokenizer: Any) -> ChatTemplate | None:
         """The registered template a plugin recognises for ``tokenizer``, or ``None``."""
@@ -188,7 +188,7 @@ def get_plugin_manager(
             module = importlib.import_module(plugin)
             pm.register(module, name=plugin)
         else:
-            name = getattr(plugin, "__name__", None) or pm.get_canonical_name(plugin)
+            name = getattr(plugin, "__name__", None) or type(plugin).__name__
             if name in blocked:
                 continue
             pm.register(plugin, name=name)

@@ -35,7 +35,7 @@ class Entry(Generic[T]):
 
 
 def _key(name: str) -> str:
-    return name.strip().lower()
+    return name.strip().casefold()
 
 
 def describe_item(item: object) -> tuple[str, tuple[str, ...], str]:
