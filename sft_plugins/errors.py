@@ -56,3 +56,7 @@ class PerturberError(SFTPluginsError, ValueError):
 
 class MaskingError(SFTPluginsError, ValueError):
     """An example cannot be tokenized and masked as its collator requires."""
+
+
+class ModelLoadError(SFTPluginsError, ValueError):
+    """A model or tokenizer cannot be loaded as asked, or the flags asking for it conflict."""
