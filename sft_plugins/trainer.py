@@ -1,6 +1,15 @@
 """``SFTPluginTrainer``: the one Trainer subclass the plugins are injected into.
 
+It takes a chat template, a masking collator and an embedding perturber, by registered name (with
+options) or as objects, and injects them: the template configures the tokenizer, the collator
+tokenizes and masks every example before step 1 and pads the batches, the perturber is hooked
+onto the input embeddings for the duration of ``train()`` only.
+
 Plugins never subclass the Trainer. Downstream code may, and is meant to override only these:
+
+``prepare_dataset(dataset, split)``
+    Turn conversations into ``input_ids``/``labels``/``loss_weights`` rows (default: the
+    collator's ``prepare``); data that already has ``input_ids`` is used as is.
 
 ``compute_token_loss(model, inputs, labels, loss_weights)``
     Run the model and return the micro-batch's un-normalised :class:`~sft_plugins.loss.TokenLoss`.
@@ -15,13 +24,19 @@ Everything else is ``transformers.Trainer`` as documented there.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import pyarrow.compute as pc
 import torch
+from datasets import Dataset
 from torch import nn
 from transformers import Trainer
 
+from sft_plugins.callbacks import PerturberCallback
 from sft_plugins.loss import (
     FAST_PATH_MODEL_TYPES,
     TokenLoss,
@@ -31,8 +46,16 @@ from sft_plugins.loss import (
     loss_weight_total,
     softcap_of,
 )
+from sft_plugins.manager import PluginManager, get_plugin_manager
+from sft_plugins.masking import MaskingCollator, PreparationReport
+from sft_plugins.perturb import Perturber
+from sft_plugins.templates import ChatTemplate
 
 WEIGHTS_KEY = "loss_weights"
+PREPARATION_FILE = "preparation.json"
+"""Written to the output directory: what preparation kept, skipped and why, per split."""
+
+logger = logging.getLogger(__name__)
 
 
 def _core_model(model: nn.Module) -> nn.Module:
@@ -63,14 +86,105 @@ class SFTPluginTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # normalised by the step's total weight, never divided again
 
-    def __init__(self, *args: Any, logits_chunk_size: int = 1024, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        model: Any = None,
+        args: Any = None,
+        *,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | None = None,
+        processing_class: Any = None,
+        data_collator: Any = None,
+        template: str | ChatTemplate | None = None,
+        template_options: Mapping[str, Any] | None = None,
+        collator: str | MaskingCollator = "assistant-only",
+        collator_options: Mapping[str, Any] | None = None,
+        perturber: str | Perturber | None = None,
+        perturber_options: Mapping[str, Any] | None = None,
+        plugin_manager: PluginManager | None = None,
+        dataset_num_proc: int | None = None,
+        logits_chunk_size: int = 1024,
+        **kwargs: Any,
+    ) -> None:
+        self.plugin_manager = plugin_manager or get_plugin_manager()
+        self.logits_chunk_size = logits_chunk_size
+        self.dataset_num_proc = dataset_num_proc
+        self.chat_template = self._resolve_template(template, template_options,
+                                                    processing_class)
+        if self.chat_template is not None and processing_class is not None:
+            self.chat_template.configure_tokenizer(processing_class)
+        self.collator = self._resolve(collator, collator_options, self.plugin_manager.collators)
+        self.perturber = (None if perturber is None else
+                          self._resolve(perturber, perturber_options,
+                                        self.plugin_manager.perturbers))
+        self._tokenizer = processing_class
+        self.preparation: dict[str, PreparationReport] = {}
+        if train_dataset is not None:
+            train_dataset = self.prepare_dataset(train_dataset, "train")
+        if isinstance(eval_dataset, Dataset):
+            eval_dataset = self.prepare_dataset(eval_dataset, "eval")
+        elif isinstance(eval_dataset, Mapping):
+            eval_dataset = {k: self.prepare_dataset(v, f"eval-{k}")
+                            for k, v in eval_dataset.items()}
+        if data_collator is None:
+            if self.collator.pad_token_id is None and processing_class is not None:
+                self.collator.bind(processing_class, self.chat_template)
+            data_collator = self.collator
+        super().__init__(model=model, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         data_collator=data_collator, **kwargs)
         # Prepared batches hold only model inputs, labels and loss weights; the Trainer would
         # otherwise drop `loss_weights`, which no model's forward names.
         self.args.remove_unused_columns = False
-        self.logits_chunk_size = logits_chunk_size
+        self._perturber_callback: PerturberCallback | None = None
+        if self.perturber is not None:
+            self._perturber_callback = PerturberCallback(self.perturber)
+            self.add_callback(self._perturber_callback)
+
+    # ---- plugin resolution ------------------------------------------------------------------
+
+    def _resolve(self, item: Any, options: Mapping[str, Any] | None, registry: Any) -> Any:
+        if isinstance(item, str):
+            return registry.create(item, **dict(options or {}))
+        if options:
+            raise TypeError(f"options {sorted(options)} were given for {item!r}, which is "
+                            "already built; pass its name instead, or build it with them")
+        return item
+
+    def _resolve_template(self, template: str | ChatTemplate | None,
+                          options: Mapping[str, Any] | None,
+                          tokenizer: Any) -> ChatTemplate | None:
+        """The named template, else what a plugin recognises in the tokenizer, else the
+        tokenizer's own template as is, else none (plain-text data needs none)."""
+        if isinstance(template, str):
+            resolved = self.plugin_manager.templates.get(template)
+        elif template is not None:
+            resolved = template
+        elif tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            resolved = (self.plugin_manager.select_chat_template(tokenizer)
+                        or ChatTemplate.from_tokenizer(tokenizer))
+        else:
+            return None
+        return resolved.with_options(**options) if options else resolved
 
     # ---- extension points -------------------------------------------------------------------
+
+    def prepare_dataset(self, dataset: Dataset, split: str) -> Dataset:
+        """Tokenize and mask ``dataset`` once, before step 1; report what was kept and skipped.
+
+        Rows that already carry ``input_ids`` are taken as prepared.
+        """
+        if "input_ids" in dataset.column_names:
+            return dataset
+        if self._tokenizer is None:
+            raise TypeError("SFTPluginTrainer needs processing_class (the tokenizer) to "
+                            "prepare a data set of conversations")
+        prepared = self.collator.prepare(dataset, self._tokenizer, self.chat_template,
+                                         num_proc=self.dataset_num_proc)
+        self.preparation[split] = prepared.report
+        logger.warning("%s: %s; %s", split, prepared.report.summary(),
+                       trained_token_summary(prepared.dataset))
+        return prepared.dataset
 
     def loss_weight_total(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """``sum(w)`` of one micro-batch, on the shifted targets the loss uses."""
@@ -100,6 +214,20 @@ class SFTPluginTrainer(Trainer):
         return loss, outputs
 
     # ---- Trainer overrides ------------------------------------------------------------------
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``, with the preparation report written to the output directory and
+        the perturber's hooks removed in a ``finally``, also when training raises."""
+        if self.preparation and self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, PREPARATION_FILE), "w") as f:
+                json.dump({split: vars(report) for split, report in self.preparation.items()},
+                          f, indent=2)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._perturber_callback is not None:
+                self._perturber_callback.remove()
 
     def get_batch_samples(self, epoch_iterator: Iterator[Any], num_batches: int,
                           device: torch.device) -> tuple[list[Any], torch.Tensor | None]:
@@ -144,4 +272,13 @@ class SFTPluginTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-__all__ = ["SFTPluginTrainer"]
+def trained_token_summary(dataset: Dataset) -> str:
+    """Tokens, trained tokens and trained fraction of a prepared data set, read from Arrow."""
+    labels = pc.list_flatten(dataset.data.column("labels"))
+    total = len(labels)
+    trained = total - pc.sum(pc.equal(labels, -100)).as_py() if total else 0
+    fraction = trained / total if total else 0.0
+    return f"{total} tokens, {trained} trained ({fraction:.1%})"
+
+
+__all__ = ["PREPARATION_FILE", "SFTPluginTrainer", "trained_token_summary"]
