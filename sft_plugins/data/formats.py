@@ -1,0 +1,329 @@
+"""The SFT data formats: detecting them from columns and turning one example into canonical form.
+
+Every function here works on one example (a ``dict`` read from a file) and either returns the
+canonical fields of :mod:`sft_plugins.data.schema` or raises :class:`BadExample`, which names the
+field, what was found and what was expected. Turning that into an error or a skip is the job of
+:mod:`sft_plugins.data.prepare`; nothing here knows about files or Arrow.
+
+Formats (names accepted by ``format=`` / ``--dataset_format``):
+
+- ``messages``: ``{"messages": [{"role", "content", "tool_calls"?}, ...], "tools"?: [...]}``
+  (OpenAI style, as TRL and transformers' ``apply_chat_template`` take it).
+- ``prompt_completion``: ``{"prompt", "completion"}``, both message lists (a conversation whose
+  completion part is trained) or both strings (plain text, no template, completion trained), as
+  TRL accepts them.
+- ``alpaca``: ``{"instruction", "input"?, "output", "system"?}``.
+- ``sharegpt``: ``{"conversations": [{"from", "value"}, ...]}`` with ``from`` one of
+  ``system``/``human``/``gpt``/``tool`` (also ``user``/``assistant``/``observation``).
+- ``text``: ``{"text"}``; every token is trained and no chat template is applied.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sft_plugins.data.schema import Kind
+
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+"""Roles any template might accept; a template's own ``validate`` narrows them further."""
+
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant",
+    "assistant": "assistant", "tool": "tool", "observation": "tool",
+}
+
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "sharegpt": ("conversations",),
+    "text": ("text",),
+}
+"""The columns each format needs, in the order detection tries the formats."""
+
+FORMAT_ALIASES = {
+    "conversational": "messages", "openai": "messages", "chatml": "messages",
+    "prompt-completion": "prompt_completion", "completion": "prompt_completion",
+    "share_gpt": "sharegpt", "share-gpt": "sharegpt",
+}
+
+
+@dataclass
+class BadExample(Exception):
+    """One example breaks a rule. ``reason`` is a short stable code used to count skips."""
+
+    reason: str
+    field: str
+    problem: str
+    expected: str
+
+    def __str__(self) -> str:
+        return f"field {self.field!r}: {self.problem}; expected {self.expected}"
+
+
+def normalise_format(name: str) -> str:
+    """The canonical name of a format given by the user, or a clear ``ValueError``."""
+    key = name.strip().lower()
+    key = FORMAT_ALIASES.get(key, key).replace("-", "_")
+    if key not in FORMAT_COLUMNS:
+        raise ValueError(f"unknown data set format {name!r}; expected one of "
+                         f"{', '.join(FORMAT_COLUMNS)}")
+    return key
+
+
+def detect_format(columns: Iterable[str]) -> str | None:
+    """The first format whose columns are all present, or ``None``."""
+    present = set(columns)
+    for name, needed in FORMAT_COLUMNS.items():
+        if present.issuperset(needed):
+            return name
+    return None
+
+
+def missing_columns(format_name: str, columns: Iterable[str]) -> list[str]:
+    """The columns ``format_name`` needs that are not among ``columns``."""
+    present = set(columns)
+    return [c for c in FORMAT_COLUMNS[format_name] if c not in present]
+
+
+def kind_of(format_name: str, first_example: Mapping[str, Any] | None) -> Kind:
+    """Conversation or text. Prompt/completion data is text when its prompt is a string."""
+    if format_name == "text":
+        return "text"
+    if format_name == "prompt_completion" and first_example is not None:
+        prompt = _decoded(first_example.get("prompt"))
+        if isinstance(prompt, str):
+            return "text"
+    return "conversation"
+
+
+def _decoded(value: Any) -> Any:
+    """A JSON-encoded list (a CSV cell holding messages or tools) decoded; else unchanged."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _require(example: Mapping[str, Any], field: str) -> Any:
+    value = example.get(field)
+    if value is None:
+        raise BadExample("missing_field", field, "it is missing or null",
+                         "a value (or remap a column with column_map)")
+    return value
+
+
+def _string(value: Any, field: str, *, reason: str = "content_not_string") -> str:
+    if not isinstance(value, str):
+        raise BadExample(reason, field, f"found {_type_name(value)}", "a string")
+    return value
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _tool_calls(value: Any, field: str) -> str | None:
+    """Tool calls as canonical JSON: ``[{"type": "function", "function": {name, arguments}}]``.
+
+    Arguments given as a JSON string (OpenAI's wire format) are decoded to an object, because
+    chat templates serialise them themselves and would otherwise quote them twice.
+    """
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise BadExample("bad_tool_calls", field, f"found {_type_name(value)}",
+                         "a list of tool calls")
+    calls = []
+    for i, call in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(call, dict):
+            raise BadExample("bad_tool_calls", where, f"found {_type_name(call)}",
+                             "an object with 'function': {'name', 'arguments'}")
+        function = call.get("function", call)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise BadExample("bad_tool_calls", f"{where}.function.name",
+                             "the tool name is missing or not a string", "a string")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise BadExample("bad_tool_calls", f"{where}.function.arguments",
+                                 "a string that is not valid JSON",
+                                 "an object or a JSON-encoded object") from None
+        if not isinstance(arguments, dict):
+            raise BadExample("bad_tool_calls", f"{where}.function.arguments",
+                             f"found {_type_name(arguments)}", "an object")
+        entry: dict[str, Any] = {"type": call.get("type", "function"),
+                                 "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        calls.append(entry)
+    return json.dumps(calls, ensure_ascii=False)
+
+
+def _message(value: Any, field: str, *, role_key: str = "role", content_key: str = "content",
+             role_map: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    if not isinstance(value, dict):
+        raise BadExample("message_not_object", field, f"found {_type_name(value)}",
+                         f"an object with {role_key!r} and {content_key!r}")
+    role = value.get(role_key)
+    if not isinstance(role, str):
+        raise BadExample("unknown_role", f"{field}.{role_key}", f"found {_type_name(role)}",
+                         f"one of {', '.join(role_map or KNOWN_ROLES)}")
+    if role_map is not None:
+        if role not in role_map:
+            raise BadExample("unknown_role", f"{field}.{role_key}", f"unknown role {role!r}",
+                             f"one of {', '.join(role_map)}")
+        role = role_map[role]
+    tool_calls = _tool_calls(value.get("tool_calls"), f"{field}.tool_calls")
+    content = value.get(content_key)
+    if content is None and tool_calls is not None:
+        content = ""  # an assistant turn that only calls tools (OpenAI sends content: null)
+    message: dict[str, str | None] = {
+        "role": role,
+        "content": _string(content, f"{field}.{content_key}"),
+        "tool_calls": tool_calls,
+        "tool_call_id": None,
+        "name": None,
+    }
+    for optional in ("tool_call_id", "name"):
+        if value.get(optional) is not None:
+            message[optional] = _string(value[optional], f"{field}.{optional}",
+                                        reason="bad_field_type")
+    return message
+
+
+def _message_list(value: Any, field: str, **message_options: Any) -> list[dict[str, str | None]]:
+    value = _decoded(value)
+    if not isinstance(value, list):
+        raise BadExample("not_a_message_list", field, f"found {_type_name(value)}",
+                         "a list of messages")
+    return [_message(m, f"{field}[{i}]", **message_options) for i, m in enumerate(value)]
+
+
+def _tools(example: Mapping[str, Any]) -> str | None:
+    tools = _decoded(example.get("tools"))
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise BadExample("bad_tools", "tools", f"found {_type_name(tools)}",
+                         "a list of tool definitions (JSON schema objects)")
+    return json.dumps(tools, ensure_ascii=False)
+
+
+def _messages(example: Mapping[str, Any]) -> dict[str, Any]:
+    return {"messages": _message_list(_require(example, "messages"), "messages"),
+            "tools": _tools(example), "completion_index": None}
+
+
+def _sharegpt(example: Mapping[str, Any]) -> dict[str, Any]:
+    raw = _decoded(_require(example, "conversations"))
+    uses_role_keys = (isinstance(raw, list) and bool(raw) and isinstance(raw[0], dict)
+                      and "from" not in raw[0] and "role" in raw[0])
+    options: dict[str, Any] = ({} if uses_role_keys else
+                               {"role_key": "from", "content_key": "value",
+                                "role_map": SHAREGPT_ROLES})
+    return {"messages": _message_list(raw, "conversations", **options),
+            "tools": _tools(example), "completion_index": None}
+
+
+def _alpaca(example: Mapping[str, Any]) -> dict[str, Any]:
+    instruction = _string(_require(example, "instruction"), "instruction")
+    extra = example.get("input")
+    if extra is not None and _string(extra, "input").strip():
+        instruction = f"{instruction}\n\n{extra}"
+    messages: list[dict[str, str | None]] = []
+    system = example.get("system")
+    if system is not None and _string(system, "system").strip():
+        messages.append(_plain("system", system))
+    messages.append(_plain("user", instruction))
+    messages.append(_plain("assistant", _string(_require(example, "output"), "output")))
+    return {"messages": messages, "tools": None, "completion_index": len(messages) - 1}
+
+
+def _plain(role: str, content: str) -> dict[str, str | None]:
+    return {"role": role, "content": content, "tool_calls": None, "tool_call_id": None,
+            "name": None}
+
+
+def _prompt_completion(example: Mapping[str, Any]) -> dict[str, Any]:
+    prompt = _message_list(_require(example, "prompt"), "prompt")
+    completion = _message_list(_require(example, "completion"), "completion")
+    return {"messages": prompt + completion, "tools": _tools(example),
+            "completion_index": len(prompt)}
+
+
+def _prompt_completion_text(example: Mapping[str, Any]) -> dict[str, Any]:
+    prompt = _string(_require(example, "prompt"), "prompt", reason="not_a_string")
+    completion = _string(_require(example, "completion"), "completion", reason="not_a_string")
+    if not completion.strip():
+        raise BadExample("empty_completion", "completion", "it is empty",
+                         "the text to train on")
+    return {"text": prompt + completion, "completion_offset": len(prompt)}
+
+
+def _text(example: Mapping[str, Any]) -> dict[str, Any]:
+    text = _string(_require(example, "text"), "text", reason="not_a_string")
+    if not text.strip():
+        raise BadExample("empty_text", "text", "it is empty", "the text to train on")
+    return {"text": text, "completion_offset": None}
+
+
+CANONICALISERS: dict[tuple[str, Kind], Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+    ("messages", "conversation"): _messages,
+    ("prompt_completion", "conversation"): _prompt_completion,
+    ("prompt_completion", "text"): _prompt_completion_text,
+    ("alpaca", "conversation"): _alpaca,
+    ("sharegpt", "conversation"): _sharegpt,
+    ("text", "text"): _text,
+}
+
+
+def message_field(format_name: str, index: int, completion_index: int | None) -> str:
+    """How the user's file names the message at ``index`` of the canonical list."""
+    if format_name == "prompt_completion" and completion_index is not None:
+        if index < completion_index:
+            return f"prompt[{index}]"
+        return f"completion[{index - completion_index}]"
+    column = "conversations" if format_name == "sharegpt" else "messages"
+    return f"{column}[{index}]"
+
+
+def check_conversation(format_name: str, messages: list[dict[str, str | None]],
+                       completion_index: int | None) -> None:
+    """The rules every conversation meets whatever its template: known roles, something to train.
+
+    Something to train is an assistant turn (in the completion, for prompt/completion data)
+    with non-empty content or at least one tool call.
+    """
+    if not messages:
+        raise BadExample("no_messages", "messages", "the conversation is empty",
+                         "at least one user and one assistant message")
+    for i, message in enumerate(messages):
+        if message["role"] not in KNOWN_ROLES:
+            raise BadExample("unknown_role",
+                             f"{message_field(format_name, i, completion_index)}.role",
+                             f"unknown role {message['role']!r}",
+                             f"one of {', '.join(KNOWN_ROLES)}")
+    start = completion_index or 0
+    if not any(m["role"] == "assistant" and ((m["content"] or "").strip() or m["tool_calls"])
+               for m in messages[start:]):
+        where = {"prompt_completion": "completion", "alpaca": "output",
+                 "sharegpt": "conversations"}.get(format_name, "messages")
+        raise BadExample("no_assistant_content", where,
+                         "no assistant turn with non-empty content or tool calls",
+                         "at least one assistant turn to train on")

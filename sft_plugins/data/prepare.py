@@ -1,0 +1,373 @@
+"""Loading, canonicalising and validating SFT data: :func:`load_sft_dataset`.
+
+Each piece of a source (one file, or one in-memory data set) goes through one batched
+``Dataset.map`` that reads each example, converts it to canonical form and checks it: the
+generic rules of :func:`sft_plugins.data.formats.check_conversation`, then the chat template's
+own ``validate``. A bad example does not stop the map; it becomes a row with its reason and
+message in two working columns. Afterwards Arrow compute finds the bad rows without reading the
+good ones into Python: with ``on_bad_example="error"`` the first is raised as a ``DataError``
+(file:line or example index, field, expectation, and how many more there are), with ``"skip"``
+they are counted per reason and dropped. Results stay memory-mapped Arrow throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetDict, concatenate_datasets
+from datasets.fingerprint import Hasher
+
+from sft_plugins import __version__
+from sft_plugins.data.formats import (
+    CANONICALISERS,
+    FORMAT_COLUMNS,
+    BadExample,
+    check_conversation,
+    detect_format,
+    kind_of,
+    missing_columns,
+    normalise_format,
+)
+from sft_plugins.data.schema import (
+    BAD_MESSAGE,
+    BAD_REASON,
+    Kind,
+    describe_location,
+    features_for,
+    messages_from_row,
+)
+from sft_plugins.data.sources import RAW, Piece, Source, load_pieces, rename
+from sft_plugins.data.summary import MAX_SAMPLES, DataSummary, SplitSummary
+from sft_plugins.errors import DataError, TemplateError
+
+logger = logging.getLogger(__name__)
+
+OnBadExample = Literal["error", "skip"]
+PARALLEL_MIN_ROWS = 20_000
+"""Below this many rows one process prepares faster than starting workers."""
+
+
+class ValidatingTemplate(Protocol):
+    """What preparation needs of a chat template: ``validate`` raising ``TemplateError``."""
+
+    def validate(self, messages: list[dict[str, Any]], *,
+                 tools: list[dict[str, Any]] | None = None) -> None: ...
+
+
+@dataclass
+class SFTData:
+    """Prepared training (and evaluation) data, all rows valid, with the preparation summary."""
+
+    train: Dataset
+    eval: Dataset | None
+    kind: Kind
+    """``"conversation"`` (render with a chat template) or ``"text"`` (no template)."""
+    summary: DataSummary
+
+    def as_dataset_dict(self) -> DatasetDict:
+        splits = {"train": self.train}
+        if self.eval is not None:
+            splits["eval"] = self.eval
+        return DatasetDict(splits)
+
+
+def load_sft_dataset(
+    train_dataset: Source | Sequence[str | os.PathLike[str]],
+    *,
+    format: str | None = None,
+    column_map: Mapping[str, str] | None = None,
+    template: ValidatingTemplate | None = None,
+    on_bad_example: OnBadExample = "error",
+    split: str = "train",
+    eval_dataset: Source | Sequence[str | os.PathLike[str]] | None = None,
+    eval_split: str | None = None,
+    eval_split_ratio: float | None = None,
+    seed: int = 42,
+    num_proc: int | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | None = None,
+) -> SFTData:
+    """Load, canonicalise and validate training (and evaluation) data before training starts.
+
+    ``train_dataset`` / ``eval_dataset``: a path to a JSONL, JSON, Parquet, CSV or TSV file, a
+    glob, a directory, a list of those, a ``Dataset``, a ``DatasetDict`` (``split`` /
+    ``eval_split`` pick the split), or a name ``datasets.load_dataset`` accepts.
+    ``format``: one of :data:`~sft_plugins.data.formats.FORMAT_COLUMNS` (detected from the
+    columns when ``None``); ``column_map`` renames source columns to the names the format uses.
+    ``template``: a chat template whose ``validate`` checks every conversation.
+    ``on_bad_example``: ``"error"`` raises a ``DataError`` for the first bad example;
+    ``"skip"`` drops bad examples, logs a summary and, with ``output_dir``, writes it to
+    ``data_summary.json`` there. ``eval_split_ratio`` holds out that fraction of the training
+    data (after validation, shuffled with ``seed``) when no ``eval_dataset`` is given.
+    ``num_proc``: worker processes for preparation (default: every core, for large pieces).
+    """
+    if on_bad_example not in ("error", "skip"):
+        raise DataError(f"on_bad_example={on_bad_example!r}; expected 'error' or 'skip'")
+    if eval_dataset is not None and eval_split_ratio is not None:
+        raise DataError("pass eval_dataset or eval_split_ratio, not both")
+    if eval_split_ratio is not None and not 0 < eval_split_ratio < 1:
+        raise DataError(f"eval_split_ratio={eval_split_ratio}; expected a number between 0 and 1")
+    options = _Options(format=_format_option(format), column_map=dict(column_map or {}),
+                       template=template, on_bad_example=on_bad_example, num_proc=num_proc,
+                       cache_dir=cache_dir)
+    summary = DataSummary(on_bad_example=on_bad_example)
+    train, kind = _prepare_split("train", train_dataset, split, options, summary)
+    evaluation = None
+    if eval_dataset is not None:
+        evaluation, eval_kind = _prepare_split("eval", eval_dataset, _eval_split(eval_dataset,
+                                               eval_split), options, summary)
+        if eval_kind != kind:
+            raise DataError(f"the training data is {kind} data but the evaluation data is "
+                            f"{eval_kind} data; both must use the same kind of format")
+    elif eval_split_ratio is not None:
+        train, evaluation = _hold_out(train, eval_split_ratio, seed, summary)
+    if summary.skipped_total:
+        logger.warning("skipped %d bad examples (on_bad_example='skip'):\n%s",
+                       summary.skipped_total, summary.render())
+    if output_dir is not None and on_bad_example == "skip":
+        summary.write_json(output_dir)
+    return SFTData(train=train, eval=evaluation, kind=kind, summary=summary)
+
+
+@dataclass(frozen=True)
+class _Options:
+    format: str | None
+    column_map: dict[str, str]
+    template: ValidatingTemplate | None
+    on_bad_example: OnBadExample
+    num_proc: int | None
+    cache_dir: str | None
+
+
+def _format_option(name: str | None) -> str | None:
+    if name is None:
+        return None
+    try:
+        return normalise_format(name)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+
+
+def _eval_split(source: object, eval_split: str | None) -> str:
+    if eval_split is not None:
+        return eval_split
+    if isinstance(source, DatasetDict):
+        for candidate in ("validation", "eval", "test"):
+            if candidate in source:
+                return candidate
+    return "validation" if isinstance(source, DatasetDict) else "train"
+
+
+def _prepare_split(split_name: str, source: Any, split: str, options: _Options,
+                   summary: DataSummary) -> tuple[Dataset, Kind]:
+    pieces = load_pieces(source, split=split, cache_dir=options.cache_dir)
+    plans = [_plan(piece, options) for piece in pieces]
+    kinds = {kind for _, kind in plans}
+    if len(kinds) > 1:
+        described = ", ".join(f"{p.name} ({fmt}, {kind})"
+                              for p, (fmt, kind) in zip(pieces, plans, strict=True))
+        raise DataError(f"the {split_name} files mix conversation and text formats: {described}. "
+                        "Use one kind of format per split.")
+    formats = sorted({fmt for fmt, _ in plans})
+    record = SplitSummary(split=split_name, sources=[p.name for p in pieces],
+                          format="+".join(formats), kind=next(iter(kinds)))
+    summary.splits.append(record)
+    prepared = [_prepare_piece(piece, fmt, kind, options, record)
+                for piece, (fmt, kind) in zip(pieces, plans, strict=True)]
+    dataset = prepared[0] if len(prepared) == 1 else concatenate_datasets(prepared)
+    if len(dataset) == 0:
+        raise DataError(f"every {split_name} example was skipped as bad:\n{summary.render()}")
+    return dataset, record.kind  # type: ignore[return-value]
+
+
+def _plan(piece: Piece, options: _Options) -> tuple[str, Kind]:
+    """The format and kind of one piece, or a ``DataError`` saying which columns are missing."""
+    columns = rename(piece.columns, options.column_map)
+    first = None if piece.first_example is None else {
+        options.column_map.get(k, k): v for k, v in piece.first_example.items()}
+    where = f"{piece.name}" + (" (first example)" if piece.raw else "")
+    if options.format is not None:
+        missing = missing_columns(options.format, columns)
+        if missing:
+            raise DataError(f"{where}: format {options.format!r} needs the column(s) "
+                            f"{', '.join(missing)}, but the data has "
+                            f"{', '.join(columns) or 'none'}. Rename them with column_map "
+                            "(--dataset_column_map) or choose another format.")
+        return options.format, kind_of(options.format, first)
+    if piece.raw and first is None:
+        raise DataError(f"{piece.name}: none of the first lines is a JSON object; expected one "
+                        "example per line as a JSON object")
+    detected = detect_format(columns)
+    if detected is None:
+        needs = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items())
+        raise DataError(f"{where}: cannot tell the data set format from the columns "
+                        f"{', '.join(columns) or '(none)'}. Each format needs: {needs}. "
+                        "Rename columns with column_map or pass format= (--dataset_format).")
+    return detected, kind_of(detected, first)
+
+
+def _prepare_piece(piece: Piece, format_name: str, kind: Kind, options: _Options,
+                   record: SplitSummary) -> Dataset:
+    function = _Canonicaliser(piece.name, format_name, kind, options.column_map,
+                              options.template, piece.raw)
+    num_proc = options.num_proc
+    if num_proc is None:
+        num_proc = _cores() if len(piece.dataset) >= PARALLEL_MIN_ROWS else None
+    fingerprint = Hasher.hash([piece.dataset._fingerprint, format_name, kind,
+                               sorted(options.column_map.items()),
+                               _template_fingerprint(options.template), __version__])
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        dataset = piece.dataset.map(
+            function, batched=True, with_indices=True, features=features_for(kind),
+            remove_columns=piece.dataset.column_names, num_proc=num_proc,
+            new_fingerprint=fingerprint, desc=f"Preparing {os.path.basename(piece.name)}")
+    finally:  # datasets turns the tokenizer's threads off for good when num_proc > 1
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
+    record.examples += len(dataset)
+    dataset = _drop_bad(dataset, piece.name, options.on_bad_example, record)
+    record.kept += len(dataset)
+    return dataset
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _template_fingerprint(template: object) -> str:
+    if template is None:
+        return "none"
+    try:
+        return Hasher.hash(template)
+    except Exception:  # unpicklable templates fall back to their identity
+        return repr((type(template).__qualname__, getattr(template, "name", None),
+                     getattr(template, "source", None)))
+
+
+def _drop_bad(dataset: Dataset, name: str, on_bad_example: OnBadExample,
+              record: SplitSummary) -> Dataset:
+    """Raise for, or count and drop, the rows the map marked bad; then drop the working columns."""
+    reasons = dataset.data.column(BAD_REASON)
+    bad = pc.is_valid(reasons)
+    bad_count = pc.sum(bad).as_py() or 0
+    if bad_count:
+        bad_rows = pc.indices_nonzero(bad)
+        messages = dataset.data.column(BAD_MESSAGE).take(bad_rows[:MAX_SAMPLES]).to_pylist()
+        if on_bad_example == "error":
+            more = (f" {bad_count - 1} more bad example(s) in {name}." if bad_count > 1 else "")
+            raise DataError(f"{messages[0]}.{more} Fix the data, or pass on_bad_example='skip' "
+                            "(--on_bad_example skip) to drop bad examples and report them.")
+        counts = pc.value_counts(reasons.drop_null())
+        record.add_skipped({str(c["values"]): int(c["counts"]) for c in counts.to_pylist()},
+                           [str(m) for m in messages])
+        keep = pc.indices_nonzero(pc.invert(bad)).to_numpy(zero_copy_only=False)
+        dataset = dataset.select(np.asarray(keep, dtype=np.int64))
+    return dataset.remove_columns([BAD_REASON, BAD_MESSAGE])
+
+
+def _hold_out(train: Dataset, ratio: float, seed: int,
+              summary: DataSummary) -> tuple[Dataset, Dataset]:
+    try:
+        parts = train.train_test_split(test_size=ratio, seed=seed, shuffle=True)
+    except ValueError as exc:
+        raise DataError(f"eval_split_ratio={ratio} cannot split {len(train)} examples: {exc}") \
+            from None
+    train_record = summary.splits[0]
+    summary.splits.append(SplitSummary(split="eval", sources=[f"{ratio:g} of train"],
+                                       format=train_record.format, kind=train_record.kind,
+                                       examples=len(parts["test"]), kept=len(parts["test"])))
+    return parts["train"], parts["test"]
+
+
+class _Canonicaliser:
+    """The batched map function: raw or typed rows in, canonical rows (or bad marks) out.
+
+    A class rather than a closure so that worker processes receive it by pickling.
+    """
+
+    def __init__(self, source_file: str, format_name: str, kind: Kind,
+                 column_map: dict[str, str], template: ValidatingTemplate | None,
+                 raw: bool) -> None:
+        self.source_file = source_file
+        self.format_name = format_name
+        self.kind = kind
+        self.column_map = column_map
+        self.template = template if kind == "conversation" else None
+        self.raw = raw
+        self.convert = CANONICALISERS[(format_name, kind)]
+        self.columns = tuple(features_for(kind))
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {column: [] for column in self.columns}
+        lines = batch["source_line"] if self.raw else [None] * len(indices)
+        for position, (row, line) in enumerate(zip(indices, lines, strict=True)):
+            location = describe_location(self.source_file, row, line)
+            try:
+                fields = self._canonical(batch, position)
+                reason = message = None
+            except BadExample as bad:
+                fields, reason, message = self._empty(), bad.reason, f"{location}: {bad}"
+            except TemplateError as exc:
+                fields, reason = self._empty(), _template_reason(self.template, exc)
+                message = f"{location}: {exc}"
+            fields.update(source_file=self.source_file, source_row=row, source_line=line)
+            fields[BAD_REASON], fields[BAD_MESSAGE] = reason, message
+            for column in self.columns:
+                out[column].append(fields[column])
+        return out
+
+    def _canonical(self, batch: dict[str, list[Any]], position: int) -> dict[str, Any]:
+        example = self._example(batch, position)
+        fields = self.convert(example)
+        if self.kind == "conversation":
+            check_conversation(self.format_name, fields["messages"], fields["completion_index"])
+            if self.template is not None:
+                tools = None if fields["tools"] is None else json.loads(fields["tools"])
+                self.template.validate(messages_from_row(fields), tools=tools)
+        return fields
+
+    def _example(self, batch: dict[str, list[Any]], position: int) -> dict[str, Any]:
+        if not self.raw:
+            return {self.column_map.get(k, k): v[position] for k, v in batch.items()}
+        raw = batch[RAW][position]
+        try:
+            value = json.loads(raw)
+        except UnicodeDecodeError:
+            raise BadExample("invalid_json", "(line)", "the line is not valid UTF-8",
+                             "one JSON object per line, UTF-8 encoded") from None
+        except ValueError as exc:
+            raise BadExample("invalid_json", "(line)", f"not valid JSON ({exc})",
+                             "one JSON object per line") from None
+        if not isinstance(value, dict):
+            raise BadExample("invalid_json", "(line)", f"a JSON {type(value).__name__}",
+                             "one JSON object per line")
+        return {self.column_map.get(k, k): v for k, v in value.items()}
+
+    def _empty(self) -> dict[str, Any]:
+        if self.kind == "conversation":
+            return {"messages": [], "tools": None, "completion_index": None}
+        return {"text": "", "completion_offset": None}
+
+
+def _template_reason(template: object, exc: TemplateError) -> str:
+    """A reason code for a template's complaint: its ``rule`` if it gives one, else its text.
+
+    Digits are replaced so that the same rule broken at different message indices counts once.
+    """
+    name = getattr(template, "name", type(template).__name__)
+    rule = getattr(exc, "rule", None) or re.sub(r"\d+", "N", str(exc).split(";")[0])[:100]
+    return f"template {name}: {rule}"
+
+
+__all__ = ["OnBadExample", "SFTData", "ValidatingTemplate", "load_sft_dataset"]

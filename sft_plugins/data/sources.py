@@ -1,0 +1,275 @@
+"""Turning what the user passed (paths, globs, a directory, a data set, a hub name) into pieces.
+
+A :class:`Piece` is one file (or one in-memory data set) as a memory-mapped Arrow ``Dataset``,
+plus what preparation needs to know about it: where it came from and which columns its examples
+have. Pieces are prepared one by one so that every row keeps its file and line.
+
+JSON Lines files are read line by line into a column of raw bytes with each line's number, and
+parsed during preparation. That costs a little speed against pyarrow's JSON reader, and buys
+three things the reader cannot give: exact line numbers, one bad line reported (or skipped) as
+one bad example instead of failing the whole file, and no Arrow schema inference over nested
+fields whose keys differ from row to row (tool-call arguments, tool schemas). JSON array files
+take the same path with each element as one raw row. CSV and Parquet files, in-memory data sets
+and hub data sets keep their typed columns.
+
+Every failure to read a source becomes one :class:`~sft_plugins.errors.DataError` that names the
+source and says what to do, never a traceback from inside ``datasets``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, Features, IterableDataset, Value, load_dataset
+
+from sft_plugins.errors import DataError
+
+RAW = "raw"
+"""The column of raw JSON bytes in a piece read from JSON Lines or a JSON array."""
+
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+SUFFIXES = (*JSON_LINES_SUFFIXES, ".json", ".parquet", ".csv", ".tsv")
+PEEK_LINES = 100
+"""How many non-blank lines of a JSON Lines file are read to find the columns of its examples."""
+
+RAW_FEATURES = Features({RAW: Value("binary"), "source_line": Value("int64")})
+
+Source = str | os.PathLike[str] | Dataset | DatasetDict
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One file or data set, loaded, with the columns its examples have."""
+
+    dataset: Dataset
+    name: str
+    columns: tuple[str, ...]
+    first_example: dict[str, Any] | None
+    raw: bool
+
+
+def load_pieces(source: Source | Sequence[str | os.PathLike[str]], *, split: str = "train",
+                cache_dir: str | None = None) -> list[Piece]:
+    """Every piece of ``source``, in a stable order (sorted paths within a glob or directory)."""
+    if isinstance(source, DatasetDict):
+        if split not in source:
+            raise DataError(f"the DatasetDict has no split {split!r}; it has "
+                            f"{', '.join(source) or 'none'}. Pass split=<one of them>.")
+        return [_in_memory(source[split], f"<DatasetDict[{split!r}]>")]
+    if isinstance(source, Dataset):
+        return [_in_memory(source, "<in-memory Dataset>")]
+    if isinstance(source, IterableDataset):
+        raise DataError("an IterableDataset cannot be validated before training; load it as a "
+                        "Dataset (datasets.load_dataset(..., streaming=False)) instead")
+    if isinstance(source, (str, os.PathLike)):
+        paths = _resolve(os.fspath(source))
+        if paths is None:
+            return [_from_hub(os.fspath(source), split, cache_dir)]
+    else:
+        paths = [p for item in source for p in _resolve(os.fspath(item)) or
+                 _not_found(os.fspath(item))]
+    return [_from_file(path, cache_dir) for path in paths]
+
+
+def _resolve(source: str) -> list[Path] | None:
+    """The files a path, glob or directory names; ``None`` if it looks like a hub name."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"{source}: the directory holds no data files; expected files "
+                            f"ending in {', '.join(SUFFIXES)}")
+        return files
+    if glob.has_magic(source):
+        matched = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True)
+                         if Path(p).is_file())
+        if not matched:
+            raise DataError(f"{source}: the pattern matches no files")
+        return matched
+    if path.is_file():
+        return [path]
+    if path.suffix.lower() in SUFFIXES or os.sep in source or source.startswith("."):
+        _not_found(source)
+    return None
+
+
+def _not_found(source: str) -> list[Path]:
+    raise DataError(f"{source}: no such file or directory (working directory "
+                    f"{os.getcwd()}). Check the path, or pass a name datasets.load_dataset "
+                    "accepts.")
+
+
+def _from_file(path: Path, cache_dir: str | None) -> Piece:
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of "
+                        f"{', '.join(SUFFIXES)}")
+    if path.stat().st_size == 0 or not _has_content(path):
+        raise DataError(f"{path}: the file is empty; expected at least one example")
+    if suffix in JSON_LINES_SUFFIXES:
+        return _json_lines(path, cache_dir)
+    if suffix == ".json":
+        if _is_json_lines(path):
+            return _json_lines(path, cache_dir)
+        return _json_array(path, cache_dir)
+    if suffix == ".parquet":
+        dataset = _wrapped(path, "Parquet", lambda: Dataset.from_parquet(str(path),
+                                                                         cache_dir=cache_dir))
+    else:
+        sep = "\t" if suffix == ".tsv" else ","
+        # every cell a string ("007" stays "007"); only empty cells are missing ("NA" is text)
+        features = Features({name: Value("string") for name in _csv_header(path, sep)})
+        dataset = _wrapped(path, "CSV", lambda: Dataset.from_csv(
+            str(path), cache_dir=cache_dir, sep=sep, features=features,
+            keep_default_na=False, na_values=[""]))
+    if len(dataset) == 0:
+        raise DataError(f"{path}: the file has a header but no rows; expected at least one "
+                        "example")
+    return Piece(dataset, str(path), tuple(dataset.column_names), dict(dataset[0]), raw=False)
+
+
+def _csv_header(path: Path, sep: str) -> list[str]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            return next(csv.reader(handle, delimiter=sep))
+    except (UnicodeDecodeError, csv.Error, StopIteration) as exc:
+        raise DataError(f"{path}: cannot read the CSV header ({exc}); expected a first line of "
+                        "column names") from None
+
+
+def _has_content(path: Path) -> bool:
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 16):
+            if chunk.strip():
+                return True
+    return False
+
+
+def _wrapped(path: Path, kind: str, load: Any) -> Dataset:
+    """Run a ``datasets`` loader and turn its failure into one line naming the file."""
+    try:
+        return load()
+    except Exception as exc:  # datasets wraps the reader's error several levels deep
+        root: BaseException = exc
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__  # type: ignore[assignment]
+        raise DataError(f"{path}: cannot be read as {kind}: {root}. Check that the file is "
+                        f"valid {kind}.") from exc
+
+
+def _is_json_lines(path: Path) -> bool:
+    """A ``.json`` file is JSON Lines when its first non-blank line is a whole JSON value."""
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                if line.lstrip().startswith(b"["):
+                    return False
+                try:
+                    json.loads(line)
+                except ValueError:
+                    return False
+                return True
+    return False
+
+
+def _lines(path: str, stamp: tuple[int, int]) -> Iterator[dict[str, Any]]:
+    """Non-blank lines of a JSON Lines file and their 1-based numbers; ``stamp`` keys the cache."""
+    del stamp
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            if line.strip():
+                yield {RAW: line, "source_line": number}
+
+
+def _elements(path: str, stamp: tuple[int, int]) -> Iterator[dict[str, Any]]:
+    """The elements of a JSON array file, each re-encoded as one raw row."""
+    del stamp
+    with open(path, "rb") as handle:
+        elements = json.load(handle)
+    for element in elements:
+        yield {RAW: json.dumps(element, ensure_ascii=False).encode(), "source_line": None}
+
+
+def _json_lines(path: Path, cache_dir: str | None) -> Piece:
+    first = _first_object(path)
+    dataset = Dataset.from_generator(_lines, features=RAW_FEATURES, cache_dir=cache_dir,
+                                     gen_kwargs={"path": str(path), "stamp": _stamp(path)})
+    return Piece(dataset, str(path), tuple(first or ()), first, raw=True)
+
+
+def _first_object(path: Path) -> dict[str, Any] | None:
+    """The first line that is a JSON object, among the first :data:`PEEK_LINES` non-blank ones."""
+    with path.open("rb") as handle:
+        seen = 0
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                return value
+            seen += 1
+            if seen >= PEEK_LINES:
+                break
+    return None
+
+
+def _json_array(path: Path, cache_dir: str | None) -> Piece:
+    try:
+        with path.open("rb") as handle:
+            value = json.load(handle)
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); expected a JSON array of examples or "
+                        "JSON Lines (one example per line)") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path}: the top-level JSON value is {type(value).__name__}; expected "
+                        "a JSON array of examples or JSON Lines (one example per line)")
+    if not value:
+        raise DataError(f"{path}: the JSON array is empty; expected at least one example")
+    first = next((v for v in value if isinstance(v, dict)), None)
+    del value
+    dataset = Dataset.from_generator(_elements, features=RAW_FEATURES, cache_dir=cache_dir,
+                                     gen_kwargs={"path": str(path), "stamp": _stamp(path)})
+    return Piece(dataset, str(path), tuple(first or ()), first, raw=True)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """Size and modification time: part of the cache key, so an edited file is read again."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _in_memory(dataset: Dataset, name: str) -> Piece:
+    if len(dataset) == 0:
+        raise DataError(f"{name}: the data set has no rows; expected at least one example")
+    return Piece(dataset, name, tuple(dataset.column_names), dict(dataset[0]), raw=False)
+
+
+def _from_hub(name: str, split: str, cache_dir: str | None) -> Piece:
+    try:
+        dataset = load_dataset(name, split=split, cache_dir=cache_dir)
+    except Exception as exc:  # network, auth, unknown name, unknown split: all one message
+        raise DataError(f"{name}: not a local file, and datasets.load_dataset({name!r}, "
+                        f"split={split!r}) failed: {exc}. Check the path or the data set "
+                        "name.") from exc
+    if not isinstance(dataset, Dataset):
+        raise DataError(f"{name}: datasets.load_dataset returned {type(dataset).__name__}; "
+                        "expected a Dataset")
+    return _in_memory(dataset, name)
+
+
+def rename(columns: Sequence[str], column_map: Mapping[str, str] | None) -> tuple[str, ...]:
+    """Column names after ``column_map`` (source name -> canonical name) is applied."""
+    mapping = column_map or {}
+    return tuple(mapping.get(c, c) for c in columns)
