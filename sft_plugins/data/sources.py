@@ -129,19 +129,22 @@ def _from_file(path: Path, cache_dir: str | None) -> Piece:
         dataset = _wrapped(path, "CSV", lambda: Dataset.from_csv(
             str(path), cache_dir=cache_dir, sep=sep, features=features,
             keep_default_na=False, na_values=[""]))
-    if len(dataset) == 0:
-        raise DataError(f"{path}: the file has a header but no rows; expected at least one "
-                        "example")
     return Piece(dataset, str(path), tuple(dataset.column_names), dict(dataset[0]), raw=False)
 
 
 def _csv_header(path: Path, sep: str) -> list[str]:
+    """The column names, after checking that at least one row follows them."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            return next(csv.reader(handle, delimiter=sep))
-    except (UnicodeDecodeError, csv.Error, StopIteration) as exc:
-        raise DataError(f"{path}: cannot read the CSV header ({exc}); expected a first line of "
-                        "column names") from None
+            rows = (row for row in csv.reader(handle, delimiter=sep) if row)
+            header = next(rows)
+            if next(rows, None) is None:
+                raise DataError(f"{path}: the file has a header but no rows; expected at least "
+                                "one example")
+            return header
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot be read as CSV ({exc}); expected a first line of "
+                        "column names, then one example per row, UTF-8 encoded") from None
 
 
 def _has_content(path: Path) -> bool:
