@@ -53,7 +53,11 @@ FORMAT_ALIASES = {
 
 @dataclass
 class BadExample(Exception):
-    """One example breaks a rule. ``reason`` is a short stable code used to count skips."""
+    """One example breaks a rule. ``reason`` is a short stable code used to count skips.
+
+    ``field`` and ``expected`` may be empty when the rule concerns the whole example and the
+    problem says what to do (a chat template's complaint, say).
+    """
 
     reason: str
     field: str
@@ -61,7 +65,8 @@ class BadExample(Exception):
     expected: str
 
     def __str__(self) -> str:
-        return f"field {self.field!r}: {self.problem}; expected {self.expected}"
+        where = f"field {self.field!r}: " if self.field else ""
+        return where + self.problem + (f"; expected {self.expected}" if self.expected else "")
 
 
 def normalise_format(name: str) -> str:

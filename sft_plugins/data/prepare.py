@@ -33,6 +33,7 @@ from sft_plugins.data.formats import (
     check_conversation,
     detect_format,
     kind_of,
+    message_field,
     missing_columns,
     normalise_format,
 )
@@ -318,9 +319,6 @@ class _Canonicaliser:
                 reason = message = None
             except BadExample as bad:
                 fields, reason, message = self._empty(), bad.reason, f"{location}: {bad}"
-            except TemplateError as exc:
-                fields, reason = self._empty(), _template_reason(self.template, exc)
-                message = f"{location}: {exc}"
             fields.update(source_file=self.source_file, source_row=row, source_line=line)
             fields[BAD_REASON], fields[BAD_MESSAGE] = reason, message
             for column in self.columns:
@@ -333,9 +331,20 @@ class _Canonicaliser:
         if self.kind == "conversation":
             check_conversation(self.format_name, fields["messages"], fields["completion_index"])
             if self.template is not None:
-                tools = None if fields["tools"] is None else json.loads(fields["tools"])
-                self.template.validate(messages_from_row(fields), tools=tools)
+                self._validate_with_template(self.template, fields)
         return fields
+
+    def _validate_with_template(self, template: ValidatingTemplate,
+                                fields: dict[str, Any]) -> None:
+        """The template's own rules; its complaint becomes a bad example naming the field."""
+        tools = None if fields["tools"] is None else json.loads(fields["tools"])
+        try:
+            template.validate(messages_from_row(fields), tools=tools)
+        except TemplateError as exc:
+            index = getattr(exc, "message_index", None)
+            field = ("" if index is None else
+                     message_field(self.format_name, index, fields["completion_index"]))
+            raise BadExample(_template_reason(template, exc), field, str(exc), "") from None
 
     def _example(self, batch: dict[str, list[Any]], position: int) -> dict[str, Any]:
         if not self.raw:
