@@ -457,7 +457,8 @@ class MaskingCollator:
         if token is None:
             raise MaskingError(f"collator {self.name!r}: no pad token (the template and the "
                                "tokenizer have none); pass pad_token=<an unused special token>")
-        ends = {tokenizer.eos_token, template.eos_token if template is not None else None}
+        ends = {tokenizer.eos_token, getattr(template, "eos_token", None),
+                getattr(template, "end_of_turn", None)}
         if token in ends - {None}:
             raise MaskingError(f"collator {self.name!r}: the pad token {token!r} is the "
                                "end-of-sequence token, which the model must learn to produce; "

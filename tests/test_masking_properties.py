@@ -1,0 +1,183 @@
+"""Hypothesis invariants of the collators, with generated conversations, the real registered
+templates (``llama-3.1``, ``chatml``) and the shipped fast tokenizer.
+
+The oracle is independent of the masking code: the tokenizer's own ``offset_mapping`` and the
+template's character spans; a token is trained exactly when it shares a character with a span.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from datasets import Dataset
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_masking_support import PAD, llama_tokenizer
+
+from sft_plugins.masking import IGNORE_INDEX
+from sft_plugins.testing import plugin_manager
+
+EXAMPLES = settings(max_examples=40, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow,
+                                           HealthCheck.function_scoped_fixture])
+
+# Text with what breaks naive masking: leading/trailing blanks, newlines, multi-byte and
+# rare characters that byte-level BPE splits over several tokens, digits, punctuation.
+ALPHABET = [*"ab xyz\n\t.,!?:#-0123456789", "é", "🦙", "👋", "中"]
+CONTENT = st.text(alphabet=st.sampled_from(ALPHABET), min_size=1, max_size=24).filter(
+    lambda s: s.strip())
+
+
+@st.composite
+def conversations(draw: Any, *, min_turns: int = 1) -> list[dict[str, str]]:
+    turns = draw(st.integers(min_turns, 3))
+    messages = []
+    if draw(st.booleans()):
+        messages.append({"role": "system", "content": draw(CONTENT)})
+    for _ in range(turns):
+        messages += [{"role": "user", "content": draw(CONTENT)},
+                     {"role": "assistant", "content": draw(CONTENT)}]
+    return messages
+
+
+@pytest.fixture(scope="module")
+def setup() -> dict[str, Any]:
+    manager = plugin_manager("sft_plugins_templates", "sft_plugins_collators")
+    llama = llama_tokenizer()
+    chatml = llama_tokenizer()
+    chatml.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return {"manager": manager,
+            "llama-3.1": (manager.templates.get("llama-3.1"), llama),
+            "chatml": (manager.templates.get("chatml"), chatml)}
+
+
+def prepared_rows(setup: dict[str, Any], template_name: str, collator: str,
+                  rows: list[dict[str, Any]], **options: Any) -> list[dict[str, Any]]:
+    template, tokenizer = setup[template_name]
+    instance = setup["manager"].collators.create(collator, pad_token=PAD, **options)
+    prepared = instance.prepare(Dataset.from_list(rows), tokenizer, template, desc=None)
+    return list(prepared.dataset)
+
+
+def oracle(setup: dict[str, Any], template_name: str, messages: list[dict[str, str]],
+           pick: str) -> tuple[list[int], list[bool], str]:
+    """Token ids, which tokens touch a chosen span (by the tokenizer's offsets), and the
+    chosen spans' text."""
+    template, tokenizer = setup[template_name]
+    rendered = template.render(messages)
+    spans = list(rendered.trained_spans)
+    spans = spans[-1:] if pick == "last" else spans
+    encoded = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    touched = [any(s < b and e > a for a, b in spans) for s, e in encoded["offset_mapping"]]
+    return encoded["input_ids"], touched, "".join(rendered.text[a:b] for a, b in spans)
+
+
+@pytest.mark.parametrize("template_name", ["llama-3.1", "chatml"])
+@pytest.mark.parametrize(("collator", "pick"), [("assistant-only", "all"),
+                                                ("last-turn", "last")])
+@EXAMPLES
+@given(messages=conversations())
+def test_trained_tokens_are_exactly_those_touching_the_spans(
+        setup: dict[str, Any], template_name: str, collator: str, pick: str,
+        messages: list[dict[str, str]]) -> None:
+    [row] = prepared_rows(setup, template_name, collator, [{"messages": messages}])
+    ids, touched, _ = oracle(setup, template_name, messages, pick)
+    assert row["input_ids"] == ids
+    assert len(row["labels"]) == len(ids)
+    assert [label != IGNORE_INDEX for label in row["labels"]] == touched
+    assert all(label in (IGNORE_INDEX, t) for label, t in zip(row["labels"], ids, strict=True))
+
+
+@EXAMPLES
+@given(messages=conversations())
+def test_llama_31_trains_the_assistant_text_exactly(setup: dict[str, Any],
+                                                   messages: list[dict[str, str]]) -> None:
+    """With Llama 3.1 (content trimmed, header ends in a newline pair) no token straddles a
+    span: the decoded trained tokens are the answers plus ``<|eot_id|>``, nothing else."""
+    [row] = prepared_rows(setup, "llama-3.1", "assistant-only", [{"messages": messages}])
+    tokenizer = setup["llama-3.1"][1]
+    trained = [t for t in row["labels"] if t != IGNORE_INDEX]
+    answers = "".join(m["content"].strip() + "<|eot_id|>" for m in messages
+                      if m["role"] == "assistant")
+    assert tokenizer.decode(trained) == answers
+
+
+@EXAMPLES
+@given(messages=conversations())
+def test_completion_only_trains_the_completion_and_its_end_of_turn(
+        setup: dict[str, Any], messages: list[dict[str, str]]) -> None:
+    prompt, completion = messages[:-1], messages[-1:]
+    [row] = prepared_rows(setup, "llama-3.1", "completion-only",
+                          [{"prompt": prompt, "completion": completion}])
+    ids, touched, text = oracle(setup, "llama-3.1", messages, "last")
+    assert row["input_ids"] == ids
+    assert [label != IGNORE_INDEX for label in row["labels"]] == touched
+    first_trained = touched.index(True)
+    assert not any(touched[:first_trained]) and all(touched[first_trained:])
+    tokenizer = setup["llama-3.1"][1]
+    trained = [t for t in row["labels"] if t != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == text == completion[0]["content"].strip() + "<|eot_id|>"
+
+
+@EXAMPLES
+@given(messages=conversations(), weight=st.floats(0.01, 0.99))
+def test_weights_are_in_range_and_all_tokens_trains_everything(
+        setup: dict[str, Any], messages: list[dict[str, str]], weight: float) -> None:
+    [everything] = prepared_rows(setup, "llama-3.1", "all-tokens", [{"messages": messages}])
+    assert everything["labels"] == everything["input_ids"]
+    [weighted] = prepared_rows(setup, "llama-3.1", "prompt-weighted", [{"messages": messages}],
+                               prompt_loss_weight=weight)
+    _, touched, _ = oracle(setup, "llama-3.1", messages, "all")
+    assert len(weighted["loss_weights"]) == len(weighted["input_ids"])
+    assert all(0.0 <= w <= 1.0 for w in weighted["loss_weights"])
+    assert [w == 1.0 for w in weighted["loss_weights"]] == touched
+    assert all(abs(w - weight) < 1e-6 for w, t in zip(weighted["loss_weights"], touched,
+                                                      strict=True) if not t)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(conversations(), min_size=2, max_size=4), data=st.data())
+def test_labels_do_not_depend_on_the_batch_or_the_padding_side(
+        setup: dict[str, Any], batch: list[list[dict[str, str]]], data: Any) -> None:
+    rows = [{"messages": m} for m in batch]
+    together = prepared_rows(setup, "llama-3.1", "prompt-weighted", rows)
+    alone = prepared_rows(setup, "llama-3.1", "prompt-weighted", rows[:1])
+    assert together[0] == alone[0]
+    manager = setup["manager"]
+    collated = {}
+    for side in ("right", "left"):
+        collator = manager.collators.create("prompt-weighted", padding_side=side,
+                                            pad_to_multiple_of=data.draw(st.sampled_from(
+                                                [None, 8])))
+        collator.pad_token_id = setup["llama-3.1"][1].convert_tokens_to_ids(PAD)
+        collated[side] = collator(together)
+    for side, batch_out in collated.items():
+        mask = batch_out["attention_mask"].bool()
+        assert batch_out["loss_weights"][~mask].eq(0).all()  # pads weigh 0
+        assert batch_out["labels"][~mask].eq(IGNORE_INDEX).all()
+        for k, row in enumerate(together):
+            assert batch_out["labels"][k][mask[k]].tolist() == row["labels"], side
+            assert batch_out["input_ids"][k][mask[k]].tolist() == row["input_ids"], side
+
+
+@EXAMPLES
+@given(messages=conversations(min_turns=2), cut=st.integers(4, 120),
+       mode=st.sampled_from(["keep_start", "keep_end"]))
+def test_a_truncated_mask_is_the_prefix_or_suffix_of_the_whole(
+        setup: dict[str, Any], messages: list[dict[str, str]], cut: int, mode: str) -> None:
+    [whole] = prepared_rows(setup, "llama-3.1", "assistant-only", [{"messages": messages}])
+    template, tokenizer = setup["llama-3.1"]
+    collator = setup["manager"].collators.create("assistant-only", pad_token=PAD,
+                                                 max_length=cut, truncation=mode)
+    prepared = collator.prepare(Dataset.from_list([{"messages": messages}]), tokenizer, template,
+                                desc=None)
+    part = slice(None, cut) if mode == "keep_start" else slice(-cut, None)
+    expected_labels = whole["labels"][part]
+    if all(label == IGNORE_INDEX for label in expected_labels):
+        assert prepared.report.skipped == {"truncated_away": 1}
+        return
+    [row] = list(prepared.dataset)
+    assert row["input_ids"] == whole["input_ids"][part]
+    assert row["labels"] == expected_labels
