@@ -60,3 +60,18 @@ class MaskingError(SFTPluginsError, ValueError):
 
 class ModelLoadError(SFTPluginsError, ValueError):
     """A model or tokenizer cannot be loaded as asked, or the flags asking for it conflict."""
+
+
+class ConversationError(TemplateError):
+    """A conversation breaks a rule of the chat template it is rendered with.
+
+    ``message_index`` is the position of the offending message in the input list (``None`` when
+    the problem is the conversation as a whole, such as tools for a family without tools) and
+    ``rule`` a short name of the rule (``"unknown-role"``, ``"content-not-string"``, ...).
+    """
+
+    def __init__(self, message: str, *, message_index: int | None = None,
+                 rule: str = "invalid") -> None:
+        super().__init__(message)
+        self.message_index = message_index
+        self.rule = rule

@@ -1,1 +1,31 @@
-"""First-party templates, registered through the public hooks like any third-party plugin."""
+"""First-party chat templates, registered through the public hooks like any third-party plugin.
+
+One module per family; each exposes ``TEMPLATES``. ``select_chat_template`` recognises a
+tokenizer's template by the fingerprints of the official texts (and of our own sources).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sft_plugins import hookimpl
+from sft_plugins.templates import ChatTemplate
+from sft_plugins_templates import chatml, deepseek, gemma, llama, phi, qwen
+
+TEMPLATES: tuple[ChatTemplate, ...] = (
+    *llama.TEMPLATES, *qwen.TEMPLATES, *gemma.TEMPLATES, *phi.TEMPLATES, *deepseek.TEMPLATES,
+    *chatml.TEMPLATES,
+)
+
+
+@hookimpl
+def register_chat_templates(register: Callable[[ChatTemplate], None]) -> None:
+    for template in TEMPLATES:
+        register(template)
+
+
+@hookimpl
+def select_chat_template(tokenizer: Any, chat_template: str | None) -> str | None:
+    """The first-party template whose fingerprints include ``chat_template``'s text."""
+    return next((t.name for t in TEMPLATES if t.recognise(chat_template)), None)

@@ -1,0 +1,401 @@
+"""Chat templates: how a conversation becomes text, and which characters of it are trained.
+
+A :class:`ChatTemplate` renders a list of messages into the exact text ``transformers``'
+``apply_chat_template(..., tokenize=False)`` produces with the same template and options, and
+also says where each message landed (:class:`MessageSpan`) and which characters the loss is
+computed on (an assistant turn's content plus its end-of-turn token, never its header). Masking
+works from those character spans and the tokenizer's offsets instead of searching token ids
+for a "response template", which breaks whenever the marker tokenizes differently in context.
+
+Spans come from markers in the template (``{% generation %}``, ``{% message N %}``, see
+:mod:`sft_plugins.templates._jinja`). A template without message markers (one read from a
+tokenizer nobody recognises) gets its spans by rendering every prefix of the conversation and
+diffing, which only works if each prefix renders as a prefix of the whole; otherwise the error
+names the message where it stops being one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import jinja2
+
+from sft_plugins.errors import ConversationError, TemplateError
+from sft_plugins.templates import _jinja
+from sft_plugins.templates._jinja import strip_message_markers
+
+Check = Callable[[Sequence[Mapping[str, Any]], Any], None]
+"""A family-specific rule: ``check(messages, tools)`` raises ``ConversationError`` or returns."""
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+@dataclass(frozen=True)
+class MessageSpan:
+    """Where one input message landed in the rendered text (character offsets, end exclusive)."""
+
+    index: int
+    role: str
+    start: int
+    end: int
+    trained: tuple[int, int] | None
+    """For an assistant turn: its content plus end-of-turn token (not the header); else None."""
+
+
+@dataclass(frozen=True)
+class RenderedConversation:
+    """The rendered text and the span of every message in it."""
+
+    text: str
+    messages: tuple[MessageSpan, ...]
+
+    @property
+    def trained_spans(self) -> tuple[tuple[int, int], ...]:
+        """The trained character spans of the assistant turns, in order."""
+        return tuple(m.trained for m in self.messages if m.trained is not None)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A published version of a family's template, recognised by the hash of its text."""
+
+    sha256: str
+    label: str
+    bugs: tuple[str, ...] = ()
+    """What is wrong with this version, in words (empty for a good one)."""
+
+
+def fingerprint(text: str) -> str:
+    """The hash :class:`Fingerprint` stores: sha256 of the template text without outer blanks."""
+    return hashlib.sha256(text.strip().encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat template provider: the jinja source with span markers, its tokens and its rules.
+
+    ``source`` must render exactly what the family's official template renders (markers add no
+    text). ``eos_token`` is what the template's ``eos_token`` variable holds; ``end_of_turn`` is the
+    token that closes an assistant turn and is trained with it (the same token for most
+    families); ``pad_token`` is the token to pad with in training, never the end-of-turn token, so
+    that masking pads cannot mask the model's stop signal. ``variables`` are default template
+    variables; ``render(**options)`` overrides them.
+
+    Validation rules: ``roles`` accepted; ``system`` is ``"first"`` (one system message, first),
+    ``"anywhere"`` or ``"none"``; ``alternate`` demands user/assistant alternation starting with a
+    user turn; ``tools`` and ``tool_calls`` say whether the family can express them;
+    ``checks`` adds family-specific rules.
+    """
+
+    name: str
+    source: str
+    description: str = ""
+    aliases: tuple[str, ...] = ()
+    bos_token: str | None = None
+    eos_token: str | None = None
+    end_of_turn: str | None = None
+    pad_token: str | None = None
+    pad_fallbacks: tuple[str, ...] = ()
+    stop_tokens: tuple[str, ...] = ()
+    renders_bos: bool = False
+    fingerprints: tuple[Fingerprint, ...] = ()
+    fixes: tuple[str, ...] = ()
+    variables: Mapping[str, Any] = field(default_factory=dict)
+    roles: tuple[str, ...] = ("system", "user", "assistant")
+    system: Literal["first", "anywhere", "none"] = "first"
+    alternate: bool = False
+    tools: bool = False
+    tool_calls: bool = False
+    checks: tuple[Check, ...] = ()
+
+    # ----------------------------------------------------------------- building
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, *, name: str = "tokenizer") -> ChatTemplate:
+        """The template a tokenizer carries, taken as is (spans by prefix diffing)."""
+        text = getattr(tokenizer, "chat_template", None)
+        if isinstance(text, dict):
+            text = text.get("default")
+        if not isinstance(text, str) or not text.strip():
+            raise TemplateError(
+                f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
+                "name one (sft-plugins list shows them)")
+        eos = getattr(tokenizer, "eos_token", None)
+        return cls(name=name, source=text, description="the tokenizer's own chat template",
+                   bos_token=getattr(tokenizer, "bos_token", None), eos_token=eos,
+                   end_of_turn=eos, pad_token=getattr(tokenizer, "pad_token", None),
+                   roles=("system", "user", "assistant", "tool", "ipython"),
+                   system="anywhere", tools=True, tool_calls=True)
+
+    @property
+    def tokenizer_source(self) -> str:
+        """The source to install on a tokenizer: ``{% generation %}`` kept, message markers gone."""
+        return strip_message_markers(self.source)
+
+    def recognise(self, text: str | None) -> Fingerprint | None:
+        """The published version of this family that ``text`` is (or this template's own
+        :attr:`tokenizer_source`, as installed by :meth:`configure_tokenizer`), if any."""
+        if not text:
+            return None
+        digest = fingerprint(text)
+        if digest == fingerprint(self.tokenizer_source):
+            return Fingerprint(digest, f"sft-plugins {self.name} (with generation markers)")
+        return next((f for f in self.fingerprints if f.sha256 == digest), None)
+
+    # --------------------------------------------------------------- validation
+
+    def validate(self, messages: Any, *, tools: Any = None) -> None:
+        """Raise :class:`ConversationError` naming the message and the rule it breaks."""
+        if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
+            raise ConversationError(f"{self.name}: a conversation is a list of messages, got "
+                                    f"{type(messages).__name__}", rule="not-a-list")
+        if not messages:
+            raise ConversationError(f"{self.name}: the conversation has no messages",
+                                    rule="empty")
+        if tools is not None and not self.tools:
+            raise ConversationError(f"{self.name}: this template cannot express tools; drop "
+                                    "`tools` or use a family that has them", rule="no-tools")
+        for index, message in enumerate(messages):
+            self._validate_message(index, message, messages)
+        if self.alternate:
+            self._validate_alternation(messages)
+        for check in self.checks:
+            check(messages, tools)
+
+    def _fail(self, index: int, rule: str, what: str) -> ConversationError:
+        return ConversationError(f"{self.name}: message {index}: {what}", message_index=index,
+                                 rule=rule)
+
+    def _validate_message(self, index: int, message: Any, messages: Sequence[Any]) -> None:
+        if not isinstance(message, Mapping):
+            raise self._fail(index, "not-an-object",
+                             f"a message is an object with 'role' and 'content', got "
+                             f"{type(message).__name__}")
+        role = message.get("role")
+        if role not in self.roles:
+            raise self._fail(index, "unknown-role",
+                             f"unknown role {role!r}; this template accepts "
+                             f"{', '.join(self.roles)}")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if not self.tool_calls or role != "assistant":
+                raise self._fail(index, "no-tool-calls",
+                                 "tool_calls are only accepted on assistant messages of "
+                                 "templates with tools" if self.tool_calls
+                                 else "this template cannot express tool calls")
+            _check_tool_calls(self, index, calls)
+        content = message.get("content")
+        if not isinstance(content, str) and not (calls is not None and content is None):
+            raise self._fail(index, "content-not-string",
+                             f"content must be a string, got {type(content).__name__}")
+        if role == "system":
+            if self.system == "none":
+                raise self._fail(index, "no-system", "this template has no system role; "
+                                 "fold the instructions into the first user message")
+            if self.system == "first" and index != 0:
+                raise self._fail(index, "system-not-first",
+                                 "a system message is only accepted as the first message "
+                                 "(and only once)")
+
+    def _validate_alternation(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        offset = 1 if messages[0].get("role") == "system" else 0
+        for index in range(offset, len(messages)):
+            expected = "user" if (index - offset) % 2 == 0 else "assistant"
+            if messages[index].get("role") != expected:
+                raise self._fail(index, "alternation",
+                                 f"roles must alternate user/assistant starting with user; "
+                                 f"expected {expected!r}, got {messages[index].get('role')!r}")
+
+    # ---------------------------------------------------------------- rendering
+
+    def render(self, messages: Sequence[Mapping[str, Any]], *, tools: Any = None,
+               add_generation_prompt: bool = False, **options: Any) -> RenderedConversation:
+        """Render ``messages``: the same text as ``apply_chat_template(..., tokenize=False)``,
+        plus every message's span. Raises :class:`TemplateError` (never a jinja traceback)."""
+        self.validate(messages, tools=tools)
+        chat = _normalise(messages)
+        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token,
+                     "pad_token": self.pad_token, **self.variables, **options,
+                     "tools": _plain(tools), "documents": None,
+                     "add_generation_prompt": add_generation_prompt}
+        recording = self._run(chat, variables)
+        if _jinja.has_message_markers(self.source):
+            spans = self._marked_spans(chat, recording)
+        else:
+            spans = self._diffed_spans(chat, variables, recording)
+        return RenderedConversation("".join(recording.blocks), spans)
+
+    def _run(self, chat: list[dict[str, Any]], variables: dict[str, Any]) -> _jinja.Recording:
+        try:
+            return _jinja.render(self.source, {**variables, "messages": chat})
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(f"chat template {self.name!r} is not valid jinja: {exc.message} "
+                                f"(template line {exc.lineno})") from None
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"chat template {self.name!r} refused the conversation: "
+                                f"{exc.message or exc}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            raise TemplateError(f"chat template {self.name!r} failed on the conversation: "
+                                f"{type(exc).__name__}: {exc}") from None
+
+    def _marked_spans(self, chat: list[dict[str, Any]],
+                      recording: _jinja.Recording) -> tuple[MessageSpan, ...]:
+        starts: dict[int, int] = {}
+        for index, position in recording.starts:  # a message marked twice starts at the first
+            starts.setdefault(index, position)
+        missing = [i for i in range(len(chat)) if i not in starts]
+        if missing:
+            raise TemplateError(f"chat template {self.name!r} did not mark where message "
+                                f"{missing[0]} starts ({{% message N %}}); this is a bug in the "
+                                "template")
+        text_end = recording.length if recording.end is None else recording.end
+        order = sorted(range(len(chat)), key=lambda i: (starts[i], i))
+        ends = {i: (starts[order[k + 1]] if k + 1 < len(order) else text_end)
+                for k, i in enumerate(order)}
+        assistants = [i for i, m in enumerate(chat) if m["role"] == "assistant"]
+        if len(recording.generations) != len(assistants):
+            raise TemplateError(f"chat template {self.name!r} marked "
+                                f"{len(recording.generations)} {{% generation %}} blocks for "
+                                f"{len(assistants)} assistant messages; this is a bug in the "
+                                "template")
+        trained = dict(zip(assistants, recording.generations, strict=True))
+        return tuple(MessageSpan(i, chat[i]["role"], starts[i], ends[i], trained.get(i))
+                     for i in range(len(chat)))
+
+    def _diffed_spans(self, chat: list[dict[str, Any]], variables: dict[str, Any],
+                      recording: _jinja.Recording) -> tuple[MessageSpan, ...]:
+        """Spans for a template without message markers: render each prefix and diff."""
+        full = "".join(recording.blocks)
+        bounds = [0]
+        headers: dict[int, int] = {}
+        for k in range(1, len(chat) + 1):
+            prefix = self._render_prefix(chat, k, variables, False)
+            if not full.startswith(prefix) or len(prefix) < bounds[-1]:
+                raise TemplateError(
+                    f"chat template {self.name!r}: message {k - 1}: the conversation up to this "
+                    "message does not render as a prefix of the whole conversation, so its "
+                    "spans cannot be found by diffing (the template rewrites earlier text, or "
+                    "adds a generation prompt regardless of add_generation_prompt). Use a "
+                    "registered template for this family (sft-plugins list)")
+            if chat[k - 1]["role"] == "assistant":
+                prompted = self._render_prefix(chat, k - 1, variables, True)
+                if k > 1 and prefix.startswith(prompted) and len(prompted) >= bounds[-1]:
+                    headers[k - 1] = len(prompted)
+            bounds.append(len(prefix))
+        generations = iter(recording.generations)
+        spans = []
+        for i, message in enumerate(chat):
+            start, end = bounds[i], bounds[i + 1]
+            trained = None
+            if message["role"] == "assistant":
+                trained = next(generations, None) if recording.generations else \
+                    (headers.get(i, start), self._turn_end(full, headers.get(i, start), end))
+            spans.append(MessageSpan(i, message["role"], start, end, trained))
+        return tuple(spans)
+
+    def _render_prefix(self, chat: list[dict[str, Any]], k: int, variables: dict[str, Any],
+                       prompt: bool) -> str:
+        try:
+            recording = _jinja.render(self.source, {**variables, "messages": chat[:k],
+                                                    "add_generation_prompt": prompt})
+        except Exception as exc:
+            raise TemplateError(f"chat template {self.name!r}: message {k - 1}: rendering the "
+                                f"conversation up to this message failed ({exc}), so its spans "
+                                "cannot be found by diffing") from None
+        return "".join(recording.blocks)
+
+    def _turn_end(self, text: str, start: int, end: int) -> int:
+        """End of an assistant turn: just after its end-of-turn token when it has one."""
+        if self.end_of_turn:
+            found = text.rfind(self.end_of_turn, start, end)
+            if found >= 0:
+                return found + len(self.end_of_turn)
+        return end
+
+    # --------------------------------------------------------------- tokenizers
+
+    def configure_tokenizer(self, tokenizer: Any, *, pad_token: str | None = None,
+                            add_missing_tokens: bool = False) -> Any:
+        """Install this template on ``tokenizer``, with its training pad token.
+
+        Sets ``chat_template`` (markers for ``{% generation %}`` kept, so ``transformers``'
+        ``return_assistant_tokens_mask`` works too) and ``pad_token`` (``pad_token`` argument, or
+        the family's pad token, or a fallback, whichever the vocabulary has). The vocabulary
+        only grows with ``add_missing_tokens=True``. Returns the tokenizer.
+        """
+        vocab = tokenizer.get_vocab()
+        candidates = [t for t in (pad_token, self.pad_token, *self.pad_fallbacks) if t]
+        chosen = next((t for t in candidates if t in vocab), None)
+        if chosen is None and candidates and add_missing_tokens:
+            tokenizer.add_special_tokens({"pad_token": candidates[0]})
+            chosen = candidates[0]
+        if chosen is None:
+            current = tokenizer.pad_token
+            if current is None or current == self.end_of_turn:
+                raise TemplateError(
+                    f"{self.name}: none of the pad tokens {candidates or '(none declared)'} is in "
+                    f"the tokenizer's vocabulary and its own pad token is {current!r}; pass "
+                    "pad_token=... or add_missing_tokens=True (then resize the embeddings)")
+            chosen = current
+        if chosen == self.end_of_turn:
+            raise TemplateError(f"{self.name}: refusing to pad with the end-of-turn token "
+                                f"{chosen!r}: masking pads would mask the model's stop signal")
+        tokenizer.pad_token = chosen
+        tokenizer.chat_template = self.tokenizer_source
+        return tokenizer
+
+    def stop_token_ids(self, tokenizer: Any) -> list[int]:
+        """Ids of the tokens generation should stop at (for ``GenerationConfig.eos_token_id``)."""
+        vocab = tokenizer.get_vocab()
+        return [vocab[t] for t in dict.fromkeys((self.end_of_turn, *self.stop_tokens))
+                if t and t in vocab]
+
+    def with_options(self, **changes: Any) -> ChatTemplate:
+        """A copy with some fields changed (for example other default ``variables``)."""
+        return replace(self, **changes)
+
+
+def _check_tool_calls(template: ChatTemplate, index: int, calls: Any) -> None:
+    if not isinstance(calls, list) or not calls:
+        raise template._fail(index, "tool-calls", "tool_calls must be a non-empty list")
+    for call in calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise template._fail(index, "tool-calls",
+                                 "each tool call needs a 'function' object with a string 'name'")
+
+
+def _plain(value: Any) -> Any:
+    """A fresh copy made of plain JSON types, so the template never sees (or edits) ours."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _normalise(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """What ``apply_chat_template`` hands the template: ``None`` fields dropped, reasoning
+    copied to ``reasoning_content`` and ``thinking``."""
+    chat = []
+    for message in messages:
+        plain = {key: _plain(value) for key, value in message.items() if value is not None}
+        reasoning = next((plain[k] for k in _REASONING_FIELDS if plain.get(k) is not None), None)
+        if reasoning is not None:
+            plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
+        chat.append(plain)
+    return chat
+
+
+__all__ = [
+    "ChatTemplate",
+    "Check",
+    "Fingerprint",
+    "MessageSpan",
+    "RenderedConversation",
+    "fingerprint",
+    "strip_message_markers",
+]

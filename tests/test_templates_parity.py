@@ -1,0 +1,259 @@
+"""Byte parity of every first-party template with the official one, through ``transformers``.
+
+For each family hypothesis generates conversations the family can express (system or not,
+multi-turn, unicode with surrounding whitespace, tools and tool calls where the family has
+them, ``add_generation_prompt`` both ways, ``date_string``/``enable_thinking`` where they
+exist) and checks three things on each:
+
+1. our render equals ``apply_chat_template(..., tokenize=False)`` with the official template;
+2. the source we install on tokenizers, run by ``transformers`` itself, renders the same text,
+   and its ``{% generation %}`` spans (``return_assistant_tokens_mask``'s input) equal ours;
+3. the spans are well formed: in order, inside the text, each trained span inside its message
+   and ending with the family's end-of-turn token.
+
+``PARITY_EXAMPLES`` conversations per family (the issue asks for at least 200).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+from sft_plugins.templates import ChatTemplate, RenderedConversation
+from sft_plugins.testing import plugin_manager
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "chat_templates"
+PARITY_EXAMPLES = 200
+
+CHATML_REFERENCE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""The canonical ChatML template (as in the ``transformers`` chat-templating docs)."""
+
+OFFICIAL = {
+    "llama-3": "llama3.jinja", "llama-3.1": "llama3_1.jinja", "llama-3.2": "llama3_2.jinja",
+    "qwen2.5": "qwen2_5.jinja", "qwen3": "qwen3.jinja", "gemma-3": "gemma3.jinja",
+    "phi-3.5": "phi3_5.jinja", "deepseek-v3": "deepseekv3.jinja",
+}
+
+pytestmark = pytest.mark.skipif(not REFERENCE.is_dir(),
+                                reason=f"official templates not found in {REFERENCE}")
+
+PARITY = settings(max_examples=PARITY_EXAMPLES, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def templates() -> dict[str, ChatTemplate]:
+    manager = plugin_manager("sft_plugins_templates")
+    return {name: manager.templates.get(name) for name in manager.templates.names()}
+
+
+def official_source(name: str) -> str:
+    return CHATML_REFERENCE if name == "chatml" else (REFERENCE / OFFICIAL[name]).read_text()
+
+
+# --------------------------------------------------------------------------- strategies
+
+_FRAGMENTS = st.sampled_from(["", " ", "\n", "  \n\t", "\n\n"])
+_WORDS = st.one_of(
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=12),
+    st.sampled_from(["Hello!", "naïve café 東京 🦙", "a\nb", "x = {\"k\": [1, 2]}", "</think>",
+                     "<think>\nhm\n</think>\n\nok", "<tool_response>r</tool_response>"]),
+)
+TEXT = st.builds(lambda a, b, c: a + b + c, _FRAGMENTS, _WORDS, _FRAGMENTS)
+NAMES = st.sampled_from(["get_weather", "search", "add"])
+ARGS = st.dictionaries(st.sampled_from(["city", "q", "n"]),
+                       st.one_of(st.integers(-5, 99), st.text(max_size=6)), max_size=2)
+TOOLS = st.lists(st.builds(lambda n: {"type": "function", "function": {
+    "name": n, "description": "does " + n,
+    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}, NAMES),
+    min_size=1, max_size=2)
+
+
+def call(name: str, arguments: Any, type_: str | None = "function") -> dict[str, Any]:
+    out: dict[str, Any] = {"function": {"name": name, "arguments": arguments}}
+    if type_:
+        out["type"] = type_
+    return out
+
+
+@st.composite
+def conversation(draw: st.DrawFn, *, system: bool = True, tool_exchange: Any = None,
+                 assistant: Any = None) -> list[dict[str, Any]]:
+    """system?, then turns of user [tool exchange] [assistant]; the last may stop early."""
+    messages: list[dict[str, Any]] = []
+    if system and draw(st.booleans()):
+        messages.append({"role": "system", "content": draw(TEXT)})
+    turns = draw(st.integers(1, 4))
+    for turn in range(turns):
+        messages.append({"role": "user", "content": draw(TEXT)})
+        if tool_exchange is not None and draw(st.integers(0, 3)) == 0:
+            messages.extend(draw(tool_exchange))
+        if turn < turns - 1 or draw(st.booleans()):
+            messages.append(draw(assistant) if assistant is not None
+                            else {"role": "assistant", "content": draw(TEXT)})
+    return messages
+
+
+def llama_exchange(builtin: bool) -> Any:
+    @st.composite
+    def exchange(draw: st.DrawFn) -> list[dict[str, Any]]:
+        if builtin and draw(st.booleans()):
+            arguments: Any = {"query": draw(st.text(max_size=8))}
+            name = "brave_search"
+        else:
+            arguments, name = draw(ARGS), draw(NAMES)
+        role = draw(st.sampled_from(["tool", "ipython"]))
+        return [{"role": "assistant", "tool_calls": [call(name, arguments)]},
+                {"role": role, "content": draw(TEXT)}]
+    return exchange()
+
+
+def qwen_exchange(string_arguments: bool) -> Any:
+    @st.composite
+    def exchange(draw: st.DrawFn) -> list[dict[str, Any]]:
+        calls = []
+        for _ in range(draw(st.integers(1, 2))):
+            arguments = draw(ARGS)
+            if string_arguments and draw(st.booleans()):
+                arguments = '{"q": "' + draw(st.text("abc ", max_size=5)) + '"}'
+            calls.append(call(draw(NAMES), arguments, draw(st.sampled_from(["function", None]))))
+        message: dict[str, Any] = {"role": "assistant", "tool_calls": calls}
+        if draw(st.booleans()):
+            message["content"] = draw(TEXT)
+        responses = [{"role": "tool", "content": draw(TEXT)}
+                     for _ in range(draw(st.integers(1, 2)))]
+        return [message, *responses]
+    return exchange()
+
+
+@st.composite
+def deepseek_exchange(draw: st.DrawFn) -> list[dict[str, Any]]:
+    calls = [call(draw(NAMES), '{"q": "' + draw(st.text("xyz ", max_size=4)) + '"}')
+             for _ in range(draw(st.integers(1, 2)))]
+    responses = [{"role": "tool", "content": draw(TEXT)} for _ in range(draw(st.integers(1, 2)))]
+    return [{"role": "assistant", "content": draw(st.sampled_from(["", "Let me check."])),
+             "tool_calls": calls}, *responses]
+
+
+@st.composite
+def qwen3_assistant(draw: st.DrawFn) -> dict[str, Any]:
+    message = {"role": "assistant", "content": draw(TEXT)}
+    if draw(st.integers(0, 2)) == 0:
+        message["reasoning_content"] = draw(TEXT)
+    return message
+
+
+@st.composite
+def case(draw: st.DrawFn, family: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A conversation and the keyword arguments to render it with."""
+    options: dict[str, Any] = {"add_generation_prompt": draw(st.booleans())}
+    if family in ("llama-3.1", "llama-3.2"):
+        builtin = family == "llama-3.1" and draw(st.booleans())
+        messages = draw(conversation(tool_exchange=llama_exchange(builtin)))
+        if builtin:
+            options["builtin_tools"] = ["brave_search", "wolfram_alpha"]
+        has_calls = any("tool_calls" in m for m in messages)
+        if has_calls or draw(st.booleans()):
+            options["tools"] = draw(TOOLS)
+            options["tools_in_user_message"] = draw(st.booleans())
+        if family == "llama-3.1" or draw(st.booleans()):
+            options["date_string"] = draw(st.sampled_from(["26 Jul 2024", "01 Jan 2025"]))
+    elif family in ("qwen2.5", "qwen3"):
+        messages = draw(conversation(tool_exchange=qwen_exchange(family == "qwen3"),
+                                     assistant=qwen3_assistant() if family == "qwen3" else None))
+        if draw(st.booleans()):
+            options["tools"] = draw(TOOLS)
+        if family == "qwen3":
+            thinking = draw(st.sampled_from([None, True, False]))
+            if thinking is not None:
+                options["enable_thinking"] = thinking
+    elif family == "deepseek-v3":
+        messages = draw(conversation(tool_exchange=deepseek_exchange()))
+    else:
+        messages = draw(conversation())
+    return messages, options
+
+
+# ------------------------------------------------------------------------------- checks
+
+def special_tokens(template: ChatTemplate) -> dict[str, Any]:
+    return {"bos_token": template.bos_token, "eos_token": template.eos_token}
+
+
+def check_spans(template: ChatTemplate, rendered: RenderedConversation,
+                messages: list[dict[str, Any]]) -> None:
+    text = rendered.text
+    assert [m.index for m in rendered.messages] == list(range(len(messages)))
+    previous_end = 0
+    for span in rendered.messages:
+        assert span.role == messages[span.index]["role"]
+        assert previous_end <= span.start <= span.end <= len(text)
+        previous_end = span.end
+        if span.role != "assistant":
+            assert span.trained is None
+            continue
+        assert span.trained is not None
+        start, end = span.trained
+        assert span.start <= start <= end <= span.end
+        assert text[start:end].endswith((template.end_of_turn, "<|eom_id|>"))
+
+
+def check_parity(template: ChatTemplate, tokenizer: Any, messages: list[dict[str, Any]],
+                 options: dict[str, Any]) -> None:
+    ours = template.render(messages, **options)
+    official = tokenizer.apply_chat_template(
+        messages, chat_template=official_source(template.name), tokenize=False,
+        **special_tokens(template), **options)
+    assert ours.text == official
+    installed, indices = render_jinja_template(
+        conversations=[messages], chat_template=template.tokenizer_source,
+        return_assistant_tokens_mask=True, **special_tokens(template), **options)
+    assert installed[0] == ours.text
+    assert [tuple(i) for i in indices[0]] == list(ours.trained_spans)
+    check_spans(template, ours, messages)
+
+
+FAMILIES = ["llama-3", "llama-3.1", "llama-3.2", "qwen2.5", "qwen3", "gemma-3", "phi-3.5",
+            "deepseek-v3", "chatml"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_with_official_template(family: str, tokenizer: Any,
+                                       templates: dict[str, ChatTemplate]) -> None:
+    template = templates[family]
+
+    @PARITY
+    @given(case(family))
+    def run(example: tuple[list[dict[str, Any]], dict[str, Any]]) -> None:
+        check_parity(template, tokenizer, *example)
+
+    run()
+
+
+def test_every_registered_family_has_a_parity_test(templates: dict[str, ChatTemplate]) -> None:
+    assert sorted(templates) == sorted(FAMILIES)
+
+
+def test_fingerprints_match_the_official_texts(templates: dict[str, ChatTemplate]) -> None:
+    for family, filename in OFFICIAL.items():
+        found = templates[family].recognise((REFERENCE / filename).read_text())
+        assert found is not None and not found.bugs, family
+    day_one = templates["llama-3.1"].recognise(
+        (REFERENCE / "llama3_1_day_one.jinja").read_text())
+    assert day_one is not None and day_one.bugs
