@@ -138,7 +138,7 @@ def test_unusable_sources(tmp_path: Path, cache: str) -> None:
         load_sft_dataset(str(tmp_path / "*.jsonl"), cache_dir=cache)
     with pytest.raises(DataError, match="unknown data set format 'yaml'"):
         load_sft_dataset(tmp_path / "notes.txt", format="yaml", cache_dir=cache)
-    with pytest.raises(DataError, match="none of the first lines is a JSON object"):
+    with pytest.raises(DataError, match="none of the first examples is a JSON object"):
         load_sft_dataset(write_lines(tmp_path / "nums.jsonl", ["1", "2"]), cache_dir=cache)
     with pytest.raises(DataError, match="has no rows"):
         load_sft_dataset(Dataset.from_list([]))
@@ -325,3 +325,34 @@ def test_template_skips_are_counted_once_per_rule(tmp_path: Path, cache: str) ->
 def test_text_data_is_not_given_to_the_template(tmp_path: Path, cache: str) -> None:
     path = write_lines(tmp_path / "text.jsonl", [json.dumps({"text": "plain"})])
     assert len(load_sft_dataset(path, template=NoSystemTemplate(), cache_dir=cache).train) == 1
+
+
+# ------------------------------------------------------------------- hub names ----------
+
+
+def test_hub_names_go_to_load_dataset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Names that are not local paths are passed to ``datasets.load_dataset`` (no network here:
+    the loader is replaced), and its failure is one DataError naming the data set."""
+    import sft_plugins.data.sources as sources
+
+    calls = []
+
+    def fake_load_dataset(name: str, *, split: str, cache_dir: str | None) -> Dataset:
+        calls.append((name, split))
+        if name == "org/missing":
+            raise FileNotFoundError("Dataset 'org/missing' doesn't exist on the Hub")
+        return Dataset.from_list([chat("from the hub")])
+
+    monkeypatch.setattr(sources, "load_dataset", fake_load_dataset)
+    monkeypatch.chdir(tmp_path)
+    data = load_sft_dataset("org/chat-data", split="train_sft")
+    assert calls == [("org/chat-data", "train_sft")]
+    assert data.train[0]["source_file"] == "org/chat-data"
+    assert messages_from_row(data.train[0])[0]["content"] == "from the hub"
+    with pytest.raises(DataError, match=r"org/missing: not a local file, and datasets\.load_"
+                                        r"dataset\('org/missing', split='train'\) failed: "
+                                        "Dataset 'org/missing' doesn't exist"):
+        load_sft_dataset("org/missing")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match=r"data/train: no such file or directory"):
+        load_sft_dataset("data/train")  # under an existing directory: a path, not a hub name

@@ -91,7 +91,7 @@ def test_skip_keeps_exactly_the_good_rows_and_counts_the_rest(rows: list[tuple[s
         path = write(directory, [line for _, line in rows])
         if not good_lines:  # a file-level error: nothing to train on, or no JSON object at all
             with pytest.raises(DataError, match=r"every train example was skipped|none of the "
-                                                r"first lines is a JSON object"):
+                                                r"first examples is a JSON object"):
                 load_sft_dataset(path, on_bad_example="skip", cache_dir=directory)
             return
         data = load_sft_dataset(path, on_bad_example="skip", cache_dir=directory)

@@ -204,8 +204,8 @@ def _plan(piece: Piece, options: _Options) -> tuple[str, Kind]:
                             "(--dataset_column_map) or choose another format.")
         return options.format, kind_of(options.format, first)
     if piece.raw and first is None:
-        raise DataError(f"{piece.name}: none of the first lines is a JSON object; expected one "
-                        "example per line as a JSON object")
+        raise DataError(f"{piece.name}: none of the first examples is a JSON object; expected "
+                        "one JSON object per example")
     detected = detect_format(columns)
     if detected is None:
         needs = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items())

@@ -95,9 +95,16 @@ def _resolve(source: str) -> list[Path] | None:
         return matched
     if path.is_file():
         return [path]
-    if path.suffix.lower() in SUFFIXES or os.sep in source or source.startswith("."):
+    if _looks_local(source, path):
         _not_found(source)
     return None
+
+
+def _looks_local(source: str, path: Path) -> bool:
+    """A data file's name, an explicit path, or a path under an existing directory; hub names
+    such as ``org/name`` are none of these."""
+    return (path.suffix.lower() in SUFFIXES or source.startswith((".", "/", "~"))
+            or (path.parent != Path() and path.parent.is_dir()))
 
 
 def _not_found(source: str) -> list[Path]:
