@@ -142,6 +142,8 @@ def test_unusable_sources(tmp_path: Path, cache: str) -> None:
         load_sft_dataset(write_lines(tmp_path / "nums.jsonl", ["1", "2"]), cache_dir=cache)
     with pytest.raises(DataError, match="has no rows"):
         load_sft_dataset(Dataset.from_list([]))
+    with pytest.raises(DataError, match="no data source given"):
+        load_sft_dataset([])
 
 
 def test_mixed_kinds_in_one_split(tmp_path: Path, cache: str) -> None:
@@ -346,7 +348,8 @@ def test_hub_names_go_to_load_dataset(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setattr(sources, "load_dataset", fake_load_dataset)
     monkeypatch.chdir(tmp_path)
     data = load_sft_dataset("org/chat-data", split="train_sft")
-    assert calls == [("org/chat-data", "train_sft")]
+    assert load_sft_dataset(["org/chat-data"]).train[0] == data.train[0]  # as --dataset passes it
+    assert calls == [("org/chat-data", "train_sft"), ("org/chat-data", "train")]
     assert data.train[0]["source_file"] == "org/chat-data"
     assert messages_from_row(data.train[0])[0]["content"] == "from the hub"
     with pytest.raises(DataError, match=r"org/missing: not a local file, and datasets\.load_"

@@ -68,14 +68,18 @@ def load_pieces(source: Source | Sequence[str | os.PathLike[str]], *, split: str
     if isinstance(source, IterableDataset):
         raise DataError("an IterableDataset cannot be validated before training; load it as a "
                         "Dataset (datasets.load_dataset(..., streaming=False)) instead")
-    if isinstance(source, (str, os.PathLike)):
-        paths = _resolve(os.fspath(source))
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not items:
+        raise DataError("no data source given; expected a file, glob, directory, data set or "
+                        "data set name")
+    pieces = []
+    for item in items:
+        paths = _resolve(os.fspath(item))
         if paths is None:
-            return [_from_hub(os.fspath(source), split, cache_dir)]
-    else:
-        paths = [p for item in source for p in _resolve(os.fspath(item)) or
-                 _not_found(os.fspath(item))]
-    return [_from_file(path, cache_dir) for path in paths]
+            pieces.append(_from_hub(os.fspath(item), split, cache_dir))
+        else:
+            pieces.extend(_from_file(path, cache_dir) for path in paths)
+    return pieces
 
 
 def _resolve(source: str) -> list[Path] | None:
@@ -96,7 +100,9 @@ def _resolve(source: str) -> list[Path] | None:
     if path.is_file():
         return [path]
     if _looks_local(source, path):
-        _not_found(source)
+        raise DataError(f"{source}: no such file or directory (working directory "
+                        f"{os.getcwd()}). Check the path, or pass a name datasets.load_dataset "
+                        "accepts.")
     return None
 
 
@@ -105,12 +111,6 @@ def _looks_local(source: str, path: Path) -> bool:
     such as ``org/name`` are none of these."""
     return (path.suffix.lower() in SUFFIXES or source.startswith((".", "/", "~"))
             or (path.parent != Path() and path.parent.is_dir()))
-
-
-def _not_found(source: str) -> list[Path]:
-    raise DataError(f"{source}: no such file or directory (working directory "
-                    f"{os.getcwd()}). Check the path, or pass a name datasets.load_dataset "
-                    "accepts.")
 
 
 def _from_file(path: Path, cache_dir: str | None) -> Piece:
