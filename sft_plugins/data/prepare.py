@@ -201,7 +201,7 @@ def _plan(piece: Piece, options: _Options) -> tuple[str, Kind]:
             raise DataError(f"{where}: format {options.format!r} needs the column(s) "
                             f"{', '.join(missing)}, but the data has "
                             f"{', '.join(columns) or 'none'}. Rename them with column_map "
-                            "(--dataset_column_map) or choose another format.")
+                            "(--column_map) or choose another format.")
         return options.format, kind_of(options.format, first)
     if piece.raw and first is None:
         raise DataError(f"{piece.name}: none of the first examples is a JSON object; expected "
