@@ -215,18 +215,30 @@ class ChatTemplate:
                add_generation_prompt: bool = False, **options: Any) -> RenderedConversation:
         """Render ``messages``: the same text as ``apply_chat_template(..., tokenize=False)``,
         plus every message's span. Raises :class:`TemplateError` (never a jinja traceback)."""
+        chat, variables, recording = self._render(messages, tools, add_generation_prompt,
+                                                  options)
+        if _jinja.has_message_markers(self.source):
+            spans = self._marked_spans(chat, recording)
+        else:
+            spans = self._diffed_spans(chat, variables, recording)
+        return RenderedConversation("".join(recording.blocks), spans)
+
+    def render_text(self, messages: Sequence[Mapping[str, Any]], *, tools: Any = None,
+                    add_generation_prompt: bool = False, **options: Any) -> str:
+        """Only the text of :meth:`render`: no spans, so it also works for templates whose
+        spans cannot be found (one that ignores ``add_generation_prompt``, say)."""
+        return "".join(self._render(messages, tools, add_generation_prompt, options)[2].blocks)
+
+    def _render(self, messages: Sequence[Mapping[str, Any]], tools: Any,
+                add_generation_prompt: bool, options: dict[str, Any]
+                ) -> tuple[list[dict[str, Any]], dict[str, Any], _jinja.Recording]:
         self.validate(messages, tools=tools)
         chat = _normalise(messages)
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token,
                      "pad_token": self.pad_token, **self.variables, **options,
                      "tools": _plain(tools), "documents": None,
                      "add_generation_prompt": add_generation_prompt}
-        recording = self._run(chat, variables)
-        if _jinja.has_message_markers(self.source):
-            spans = self._marked_spans(chat, recording)
-        else:
-            spans = self._diffed_spans(chat, variables, recording)
-        return RenderedConversation("".join(recording.blocks), spans)
+        return chat, variables, self._run(chat, variables)
 
     def _run(self, chat: list[dict[str, Any]], variables: dict[str, Any]) -> _jinja.Recording:
         try:
