@@ -95,3 +95,26 @@ def test_real_template_in_worker_processes(tmp_path: Path, templates: Any) -> No
                             num_proc=2, cache_dir=str(tmp_path))
     assert len(data.train) == 199
     assert data.summary.splits[0].samples[0].startswith(f"{path}:151: field 'messages[2]'")
+
+
+def test_prepared_rows_render_like_the_source_in_transformers(tmp_path: Path,
+                                                              templates: Any) -> None:
+    """The same losslessness through transformers' own ``apply_chat_template`` (the tokenizer
+    carrying the llama-3.1 template), with tool-call arguments given as objects."""
+    from transformers import AutoTokenizer
+
+    from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+
+    tokenizer = templates.get("llama-3.1").configure_tokenizer(
+        AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR))
+    source = json.loads(json.dumps(TOOL_ROW))
+    source["messages"][1]["content"] = ""
+    call = source["messages"][1]["tool_calls"][0]["function"]
+    call["arguments"] = json.loads(call["arguments"])
+    data = load_sft_dataset(write_jsonl(tmp_path / "rows.jsonl", [source, GOOD]),
+                            cache_dir=str(tmp_path))
+    for row, original in zip(data.train, [source, GOOD], strict=True):
+        assert (tokenizer.apply_chat_template(messages_from_row(row), tools=tools_from_row(row),
+                                              tokenize=False)
+                == tokenizer.apply_chat_template(original["messages"],
+                                                 tools=original.get("tools"), tokenize=False))
