@@ -70,3 +70,7 @@ def list_command(as_json: bool) -> None:
     for error in listing["errors"]:
         console.print(f"[bold red]broken plugin[/] {error['plugin']}: {error['error']}",
                       highlight=False)
+
+from sft_plugins.commands.check_data import check_data_command  # noqa: E402
+
+main.add_command(check_data_command)

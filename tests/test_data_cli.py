@@ -1,0 +1,69 @@
+"""``sft-plugins check-data``: validation from the command line, errors as one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets.config
+import pytest
+from click.testing import CliRunner
+
+from sft_plugins.cli import main
+from sft_plugins.commands.check_data import parse_column_map
+from sft_plugins.errors import DataError
+
+GOOD = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+NO_ANSWER = {"messages": [{"role": "user", "content": "Q"}]}
+TWO_SYSTEMS = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+                            {"role": "system", "content": "S"},
+                            {"role": "assistant", "content": "A"}]}
+
+
+@pytest.fixture
+def data_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [GOOD, NO_ANSWER, TWO_SYSTEMS, GOOD]))
+    return path
+
+
+def test_error_is_one_line_naming_file_and_line(data_file: Path) -> None:
+    result = CliRunner().invoke(main, ["check-data", str(data_file)])
+    assert result.exit_code == 2
+    assert f"error: {data_file}:2: field 'messages': no assistant turn" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_skip_counts_per_rule_and_writes_the_summary(data_file: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["check-data", str(data_file), "--template", "llama-3.1",
+                                       "--on_bad_example", "skip", "--json",
+                                       "--output_dir", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["splits"][0]["skipped"] == {"no_assistant_content": 1,
+                                               "template llama-3.1: system-not-first": 1}
+    assert summary == json.loads((tmp_path / "out" / "data_summary.json").read_text())
+    table = CliRunner().invoke(main, ["check-data", str(data_file), "--on_bad_example", "skip"])
+    assert "skipped 1: no_assistant_content" in table.output
+    assert f"{data_file}:2: field 'messages'" in table.output
+
+
+def test_clean_data_exits_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    path = tmp_path / "qa.csv"
+    path.write_text("question,answer\nQ,A\n")
+    result = CliRunner().invoke(main, ["check-data", str(path),
+                                       "--column_map", "question=instruction,answer=output"])
+    assert result.exit_code == 0, result.output
+    assert "alpaca" in result.output
+    missing = CliRunner().invoke(main, ["check-data", str(tmp_path / "nope.jsonl")])
+    assert missing.exit_code == 2 and "nope.jsonl: no such file" in missing.output
+
+
+def test_parse_column_map() -> None:
+    assert parse_column_map("question=prompt, answer = completion") == {
+        "question": "prompt", "answer": "completion"}
+    assert parse_column_map(None) == {}
+    with pytest.raises(DataError, match="expected source=target pairs"):
+        parse_column_map("question")
