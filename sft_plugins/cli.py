@@ -25,7 +25,8 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except SFTPluginsError as exc:
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+            console = Console(stderr=True, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
             sys.exit(2)
 
 
@@ -70,6 +71,21 @@ def list_command(as_json: bool) -> None:
     for error in listing["errors"]:
         console.print(f"[bold red]broken plugin[/] {error['plugin']}: {error['error']}",
                       highlight=False)
+
+
+def _attach_subcommands() -> None:
+    from sft_plugins.commands.demo import demo_command
+    from sft_plugins.commands.doctor import doctor_command
+    from sft_plugins.commands.render import render_command
+    from sft_plugins.commands.train import train_command
+
+    main.add_command(demo_command)
+    main.add_command(train_command)
+    main.add_command(render_command)
+    main.add_command(doctor_command)
+
+
+_attach_subcommands()
 
 from sft_plugins.commands.check_data import check_data_command  # noqa: E402
 

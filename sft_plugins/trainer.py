@@ -165,7 +165,7 @@ class SFTPluginTrainer(Trainer):
                         or ChatTemplate.from_tokenizer(tokenizer))
         else:
             return None
-        return resolved.with_options(**options) if options else resolved
+        return with_variables(resolved, options) if options else resolved
 
     # ---- extension points -------------------------------------------------------------------
 
@@ -272,6 +272,12 @@ class SFTPluginTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def with_variables(template: ChatTemplate, options: Mapping[str, Any]) -> ChatTemplate:
+    """``template`` rendering with ``options`` as default template variables (for example
+    ``omit_knowledge_date=True`` or ``date_string`` for Llama 3.1)."""
+    return template.with_options(variables={**template.variables, **options})
+
+
 def trained_token_summary(dataset: Dataset) -> str:
     """Tokens, trained tokens and trained fraction of a prepared data set, read from Arrow."""
     labels = pc.list_flatten(dataset.data.column("labels"))
@@ -281,4 +287,4 @@ def trained_token_summary(dataset: Dataset) -> str:
     return f"{total} tokens, {trained} trained ({fraction:.1%})"
 
 
-__all__ = ["PREPARATION_FILE", "SFTPluginTrainer", "trained_token_summary"]
+__all__ = ["PREPARATION_FILE", "SFTPluginTrainer", "trained_token_summary", "with_variables"]

@@ -1,0 +1,203 @@
+"""``sft-plugins train``: every ``TrainingArguments`` flag, plus model, data and plugin flags.
+
+Flags are parsed by ``transformers.HfArgumentParser``, so they are spelled as in the Hugging Face
+example scripts (``--model_name_or_path``, ``--output_dir``, ``--learning_rate``, ...). Plugin
+options follow their plugin's flag: ``--perturber neftune --perturber_alpha 5``,
+``--collator prompt-weighted --collator_prompt_loss_weight 0.05``; their types come from the
+plugin's constructor. ``--config file.yaml`` (or ``.json``) supplies any of these; flags given on
+the command line win.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from sft_plugins.errors import SFTPluginsError
+from sft_plugins.modeling import ModelArguments
+
+PLUGIN_KINDS = ("template", "collator", "perturber")
+
+
+class ConfigError(SFTPluginsError, ValueError):
+    """The command line or the config file asks for something that cannot be done."""
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from and how bad examples are handled."""
+
+    dataset: list[str] = field(metadata={
+        "help": "Training data: files (.jsonl, .json, .parquet, .csv), globs, directories or a "
+                "datasets name."})
+    eval_dataset: list[str] | None = field(default=None, metadata={
+        "help": "Evaluation data, in the same forms as --dataset."})
+    eval_split_ratio: float | None = field(default=None, metadata={
+        "help": "Hold out this fraction of the training data for evaluation instead."})
+    dataset_format: str | None = field(default=None, metadata={
+        "help": "messages, prompt_completion, alpaca, sharegpt or text (default: detected)."})
+    column_map: str | None = field(default=None, metadata={
+        "help": "Rename source columns as source=target pairs: 'question=instruction'."
+    })
+    on_bad_example: str = field(default="error", metadata={
+        "help": "error: stop at the first bad example; skip: drop, count and report them."})
+    dataset_num_proc: int | None = field(default=None, metadata={
+        "help": "Processes for data preparation (default: every core for large data)."})
+
+
+@dataclass
+class PluginArguments:
+    """Which registered template, collator and perturber to use (``sft-plugins list``)."""
+
+    template: str | None = field(default=None, metadata={
+        "help": "Chat template name (default: detected from the tokenizer's own template)."})
+    collator: str | None = field(default=None, metadata={
+        "help": "Masking collator (default: completion-only for prompt/completion data, "
+                "assistant-only otherwise)."})
+    perturber: str | None = field(default=None, metadata={
+        "help": "Embedding perturber, e.g. neftune (default: none)."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Longest example in tokens; the collator's truncation option says what to cut."})
+    logits_chunk_size: int = field(default=1024, metadata={
+        "help": "Positions per lm_head chunk in the trained-positions-only loss."})
+
+
+def config_to_argv(path: str) -> list[str]:
+    """A YAML or JSON config file as command-line flags (which later flags override)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        text = file.read_text()
+        values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path!r} is not valid {file.suffix[1:] or 'YAML'}: "
+                          f"{exc}") from exc
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config file {path!r} must hold a mapping of flag names to values")
+    argv: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        argv.append(f"--{key}")
+        if isinstance(value, list):
+            argv += [str(v) for v in value]
+        elif isinstance(value, bool):
+            argv.append("true" if value else "false")
+        elif isinstance(value, Mapping):
+            argv.append(json.dumps(value))
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def split_config(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--config FILE`` replaced by the file's flags, placed first."""
+    argv = list(argv)
+    for flag in ("--config", "-c"):
+        if flag in argv:
+            at = argv.index(flag)
+            if at + 1 >= len(argv):
+                raise ConfigError(f"{flag} needs a file name")
+            path = argv[at + 1]
+            del argv[at:at + 2]
+            return config_to_argv(path) + argv
+    return argv
+
+
+def plugin_options(remaining: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``--<kind>_<option> value`` flags (kind: template, collator, perturber) by kind."""
+    options: dict[str, dict[str, str]] = {kind: {} for kind in PLUGIN_KINDS}
+    items = list(remaining)
+    while items:
+        flag = items.pop(0)
+        key = flag[2:].replace("-", "_") if flag.startswith("--") else ""
+        kind = next((k for k in PLUGIN_KINDS if key.startswith(k + "_")), None)
+        if kind is None:
+            raise ConfigError(f"unknown flag {flag!r}; see sft-plugins train --help, and "
+                              "--<template|collator|perturber>_<option> for plugin options")
+        if not items or items[0].startswith("--"):
+            raise ConfigError(f"{flag} needs a value")
+        options[kind][key[len(kind) + 1:]] = items.pop(0)
+    return options
+
+
+def _convert(raw: str, annotation: Any, default: Any, where: str) -> Any:
+    target = annotation if isinstance(annotation, type) else None
+    if target is None:  # Optional[X] and friends: the first concrete type
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        target = args[0] if args and isinstance(args[0], type) else None
+    if target is None and default is not None and default is not inspect.Parameter.empty:
+        target = type(default)
+    if raw.lower() in ("none", "null") and (default is None or type(None) in
+                                            typing.get_args(annotation)):
+        return None
+    try:
+        if target is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if target in (int, float):
+            return target(raw)
+    except ValueError:
+        raise ConfigError(f"{where}: {raw!r} is not a {target.__name__}") from None
+    return raw
+
+
+def typed_options(factory: Any, raw: Mapping[str, str], where: str) -> dict[str, Any]:
+    """Plugin options from strings to the types the plugin's constructor declares."""
+    try:
+        hints = typing.get_type_hints(getattr(factory, "__init__", factory))
+    except Exception:  # unresolvable annotations: fall back to the defaults' types
+        hints = {}
+    parameters = inspect.signature(factory).parameters
+    typed: dict[str, Any] = {}
+    for name, value in raw.items():
+        parameter = parameters.get(name)
+        default = parameter.default if parameter is not None else None
+        typed[name] = _convert(value, hints.get(name), default, f"{where}_{name}")
+    return typed
+
+
+def parse(argv: Sequence[str]) -> tuple[Any, ...]:
+    """(model, data, plugin, training arguments, plugin options by kind) from ``argv``."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, PluginArguments,
+                               TrainingArguments))
+    model_args, data_args, plugin_args, training_args, remaining = \
+        parser.parse_args_into_dataclasses(args=split_config(argv),
+                                           return_remaining_strings=True)
+    return model_args, data_args, plugin_args, training_args, plugin_options(remaining)
+
+
+def run(argv: Sequence[str]) -> Any:
+    """Parse ``argv``, load everything (failing before any training), train, save."""
+    from sft_plugins.training import train_from_arguments
+
+    return train_from_arguments(*parse(argv))
+
+
+@click.command("train", context_settings={"ignore_unknown_options": True,
+                                          "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def train_command(ctx: click.Context) -> None:
+    """Fine-tune a model: every TrainingArguments flag, plus model, data and plugin flags
+    (--help lists them all)."""
+    if any(a in ("-h", "--help") for a in ctx.args):
+        from transformers import HfArgumentParser, TrainingArguments
+
+        HfArgumentParser((ModelArguments, DataArguments, PluginArguments, TrainingArguments),
+                         prog="sft-plugins train").print_help()
+        return
+    run(ctx.args)

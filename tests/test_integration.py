@@ -1,0 +1,53 @@
+"""Template + collator + trainer together on the shipped tokenizer."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from sft_plugins import get_plugin_manager
+from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+from sft_plugins.trainer import SFTPluginTrainer
+
+CONVERSATIONS = [
+    {"prompt": [{"role": "user", "content": "Sort the letters: c a b"}],
+     "completion": [{"role": "assistant", "content": "a b c"}]},
+    {"prompt": [{"role": "user", "content": "Sort the letters: q p r z x y"}],
+     "completion": [{"role": "assistant", "content": "p q r x y z"}]},
+]
+
+
+def test_preparation_ignores_padding_left_on_the_tokenizer_by_a_batched_call():
+    """A `tokenizer(texts, padding=True)` call switches padding on in the shared backend; the
+    prepared rows must still be the unpadded examples."""
+    manager = get_plugin_manager()
+    template = manager.templates.get("llama-3.1")
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    template.configure_tokenizer(tokenizer)
+    collator = manager.collators.create("completion-only")
+    clean = collator.prepare(Dataset.from_list(CONVERSATIONS), tokenizer, template).dataset
+    tokenizer(["a", "a much longer text than the first"], padding=True, padding_side="left")
+    after = collator.prepare(Dataset.from_list(CONVERSATIONS), tokenizer, template,
+                             load_from_cache_file=False).dataset
+    assert after["input_ids"] == clean["input_ids"]
+    assert len(after["input_ids"][0]) < len(after["input_ids"][1])
+
+
+def test_trainer_prepares_conversations_and_reports(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[],
+                             per_device_train_batch_size=2, use_cpu=True, save_strategy="no")
+    trainer = SFTPluginTrainer(model=model, args=args, train_dataset=Dataset.from_list(
+        CONVERSATIONS * 2), processing_class=tokenizer, template="llama-3.1",
+        collator="completion-only", perturber="neftune", perturber_options={"alpha": 5})
+    assert trainer.preparation["train"].kept == 4
+    assert tokenizer.pad_token == "<|finetune_right_pad_id|>"
+    trainer.train()
+    assert (tmp_path / "preparation.json").exists()
+    embeddings = model.get_input_embeddings()
+    assert not embeddings._forward_hooks, "the perturber's hook outlives training"

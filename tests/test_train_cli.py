@@ -1,0 +1,139 @@
+"""``sft-plugins train`` end to end on a tiny model: flags, config files, errors, resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+from sft_plugins.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )).save_pretrained(path)
+    tokenizer.save_pretrained(path)  # no chat template: --template names one
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"Sort the letters: {w}"}],
+             "completion": [{"role": "assistant", "content": " ".join(sorted(w.split()))}]}
+            for w in ("c a b", "q p r", "z x y", "m k l", "f d e", "j h i", "w u v", "t r s")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def base_args(model_dir, data_file, out, *extra):
+    return ["train", "--model_name_or_path", str(model_dir), "--dataset", str(data_file),
+            "--template", "llama-3.1", "--output_dir", str(out), "--max_steps", "4",
+            "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--report_to",
+            "none", "--use_cpu", "true", "--seed", "7", "--logging_steps", "1",
+            "--disable_tqdm", "true", *extra]
+
+
+def invoke(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def losses(out):
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+def test_trains_saves_model_tokenizer_and_report(model_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(base_args(model_dir, data_file, out, "--perturber", "neftune",
+                              "--perturber_alpha", "5", "--template_omit_knowledge_date",
+                              "true"))
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").exists()
+    saved = AutoTokenizer.from_pretrained(out)
+    assert "<|start_header_id|>" in saved.chat_template
+    assert saved.pad_token == "<|finetune_right_pad_id|>"
+    report = json.loads((out / "preparation.json").read_text())
+    assert report["train"]["kept"] == 8
+    assert len(losses(out)) == 4
+    assert "completion-only" in result.output and "neftune" in result.output
+
+
+def test_config_file_and_command_line_override(model_dir, data_file, tmp_path):
+    out = tmp_path / "cfg"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name_or_path": str(model_dir), "dataset": [str(data_file)],
+        "template": "llama-3.1", "output_dir": str(out), "max_steps": 10,
+        "per_device_train_batch_size": 4, "report_to": "none", "use_cpu": True,
+        "disable_tqdm": True, "collator": "prompt-weighted",
+        "collator_prompt_loss_weight": 0.05,
+    }))
+    result = invoke(["train", "--config", str(config), "--max_steps", "2"])
+    assert result.exit_code == 0, result.output
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert "prompt-weighted" in result.output
+
+
+def test_resuming_draws_the_same_noise_and_losses(model_dir, data_file, tmp_path):
+    """Two steps, then two more resumed from the checkpoint, equal four uninterrupted steps
+    (a constant learning rate, since the first part is told max_steps=2)."""
+    noisy = ("--perturber", "neftune", "--perturber_alpha", "10", "--save_strategy", "steps",
+             "--save_steps", "2", "--lr_scheduler_type", "constant")
+    whole = tmp_path / "whole"
+    assert invoke(base_args(model_dir, data_file, whole, *noisy)).exit_code == 0
+    part = tmp_path / "part"
+    assert invoke(base_args(model_dir, data_file, part, *noisy, "--max_steps", "2")
+                  ).exit_code == 0
+    resumed = invoke(base_args(model_dir, data_file, part, *noisy,
+                               "--resume_from_checkpoint", str(part / "checkpoint-2")))
+    assert resumed.exit_code == 0, resumed.output
+    assert losses(part)[-2:] == pytest.approx(losses(whole)[-2:], rel=1e-5)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--perturber", "neftune", "--perturber_alpha", "-1"], "alpha"),
+    (["--perturber", "neftun"], "Did you mean 'neftune'"),
+    (["--perturber_alpha", "3"], "without --perturber"),
+    (["--collator_no_such_option", "1"], "no_such_option"),
+    (["--load_in_4bit", "true", "--load_in_8bit", "true", "--use_lora", "true"],
+     "exclude each other"),
+    (["--no_such_flag", "1"], "unknown flag '--no_such_flag'"),
+    (["--template", "qwen2.5"], "special tokens the tokenizer does not have"),
+])
+def test_bad_flags_fail_before_training_with_one_clear_error(model_dir, data_file, tmp_path,
+                                                             extra, message):
+    args = base_args(model_dir, data_file, tmp_path / "bad", *extra)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def test_tokenizer_without_template_needs_one(model_dir, data_file, tmp_path):
+    args = base_args(model_dir, data_file, tmp_path / "nt")
+    at = args.index("--template")
+    del args[at:at + 2]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "has no chat template" in result.output
+
+
+def test_help_lists_training_arguments():
+    result = invoke(["train", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--model_name_or_path", "--learning_rate", "--perturber", "--dataset"):
+        assert flag in result.output
