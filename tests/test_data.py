@@ -154,6 +154,29 @@ def test_provenance_names_file_line_and_row(tmp_path: Path, cache: str) -> None:
     assert location_of(data.train[1]) == f"{path}:4"
 
 
+def test_byte_order_mark_crlf_and_a_last_line_without_newline(tmp_path: Path,
+                                                              cache: str) -> None:
+    path = tmp_path / "windows.jsonl"
+    rows = [json.dumps(chat(str(i))).encode() for i in range(3)]
+    path.write_bytes(b"\xef\xbb\xbf" + rows[0] + b"\r\n\r\n" + rows[1] + b"\r\n" + rows[2])
+    data = load_sft_dataset(path, cache_dir=cache)
+    assert [(messages_from_row(r)[0]["content"], r["source_line"]) for r in data.train] == [
+        ("0", 1), ("1", 3), ("2", 4)]
+
+
+def test_lines_across_read_blocks(tmp_path: Path, cache: str,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines that straddle the blocks the file is read in keep their text and numbers."""
+    import sft_plugins.data.sources as sources
+
+    monkeypatch.setattr(sources, "READ_BLOCK", 7)
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(["", json.dumps(chat("a")), "", "", json.dumps(chat("b" * 30))]))
+    data = load_sft_dataset(path, cache_dir=cache)
+    assert [(messages_from_row(r)[0]["content"], r["source_line"]) for r in data.train] == [
+        ("a", 2), ("b" * 30, 5)]
+
+
 def test_json_array_parquet_csv_tsv(tmp_path: Path, cache: str) -> None:
     (tmp_path / "array.json").write_text(json.dumps([chat("a"), chat("b")]))
     Dataset.from_list([chat("c")]).to_parquet(str(tmp_path / "rows.parquet"))

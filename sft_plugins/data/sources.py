@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets.config
+import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, IterableDataset, Value, load_dataset
+from datasets.fingerprint import Hasher
 
 from sft_plugins.errors import DataError
 
@@ -39,7 +42,13 @@ SUFFIXES = (*JSON_LINES_SUFFIXES, ".json", ".parquet", ".csv", ".tsv")
 PEEK_LINES = 100
 """How many non-blank lines of a JSON Lines file are read to find the columns of its examples."""
 
-RAW_FEATURES = Features({RAW: Value("binary"), "source_line": Value("int64")})
+RAW_SCHEMA = pa.schema([(RAW, pa.binary()), ("source_line", pa.int64())])
+RAW_LAYOUT = 1
+"""Version of the raw cache files' layout; part of their names."""
+READ_BLOCK = 16 << 20
+"""Bytes of a JSON Lines file read at a time."""
+ARRAY_BLOCK = 10_000
+"""Elements of a JSON array file written at a time."""
 
 Source = str | os.PathLike[str] | Dataset | DatasetDict
 
@@ -189,30 +198,62 @@ def _is_json_lines(path: Path) -> bool:
     return False
 
 
-def _lines(path: str, stamp: tuple[int, int]) -> Iterator[dict[str, Any]]:
-    """Non-blank lines of a JSON Lines file and their 1-based numbers; ``stamp`` keys the cache."""
-    del stamp
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            if number == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")
-            if line.strip():
-                yield {RAW: line, "source_line": number}
+def _line_chunks(path: Path) -> Iterator[tuple[list[bytes], list[int | None]]]:
+    """Non-blank lines of a JSON Lines file and their 1-based numbers, a block at a time.
+
+    Lines end at ``\n`` only (a ``\r`` before it is whitespace to the JSON parser), exactly as
+    iterating over the file in binary mode would split them; a UTF-8 byte-order mark is dropped.
+    """
+    leftover = b""
+    first_line = 1
+    with path.open("rb") as handle:
+        while True:
+            block = handle.read(READ_BLOCK)
+            lines = (leftover + block).split(b"\n")
+            leftover = lines.pop() if block else b""
+            if first_line == 1 and lines:
+                lines[0] = lines[0].removeprefix(b"\xef\xbb\xbf")
+            keep = [i for i, line in enumerate(lines) if line.strip()]
+            yield [lines[i] for i in keep], [first_line + i for i in keep]
+            first_line += len(lines)
+            if not block:
+                return
 
 
-def _elements(path: str, stamp: tuple[int, int]) -> Iterator[dict[str, Any]]:
-    """The elements of a JSON array file, each re-encoded as one raw row."""
-    del stamp
-    with open(path, "rb") as handle:
-        elements = json.load(handle)
-    for element in elements:
-        yield {RAW: json.dumps(element, ensure_ascii=False).encode(), "source_line": None}
+def _element_chunks(elements: list[Any]) -> Iterator[tuple[list[bytes], list[int | None]]]:
+    """The elements of a JSON array, each re-encoded as one raw row, a block at a time."""
+    for start in range(0, len(elements), ARRAY_BLOCK):
+        block = elements[start:start + ARRAY_BLOCK]
+        yield ([json.dumps(e, ensure_ascii=False).encode() for e in block], [None] * len(block))
+
+
+def _raw_dataset(path: Path, chunks: Iterator[tuple[list[bytes], list[int | None]]],
+                 cache_dir: str | None) -> Dataset:
+    """Write raw rows to a memory-mapped Arrow file in the cache, once per version of the file.
+
+    The file name hashes the path, size and modification time, so an edited file is read again
+    and an unchanged one is not; it is written under a temporary name and renamed, so parallel
+    ranks never see half a file.
+    """
+    stat = path.stat()
+    key = Hasher.hash([str(path.resolve()), stat.st_size, stat.st_mtime_ns, RAW_LAYOUT])
+    directory = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "sft_plugins_raw"
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{path.stem[:40]}-{key}.arrow"
+    if not target.exists():
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, RAW_SCHEMA) as out:
+            for raws, lines in chunks:
+                out.write_batch(pa.record_batch(
+                    [pa.array(raws, pa.binary()), pa.array(lines, pa.int64())],
+                    schema=RAW_SCHEMA))
+        os.replace(partial, target)
+    return Dataset.from_file(str(target))
 
 
 def _json_lines(path: Path, cache_dir: str | None) -> Piece:
     first = _first_object(path)
-    dataset = Dataset.from_generator(_lines, features=RAW_FEATURES, cache_dir=cache_dir,
-                                     gen_kwargs={"path": str(path), "stamp": _stamp(path)})
+    dataset = _raw_dataset(path, _line_chunks(path), cache_dir)
     return Piece(dataset, str(path), tuple(first or ()), first, raw=True)
 
 
@@ -248,16 +289,8 @@ def _json_array(path: Path, cache_dir: str | None) -> Piece:
     if not value:
         raise DataError(f"{path}: the JSON array is empty; expected at least one example")
     first = next((v for v in value if isinstance(v, dict)), None)
-    del value
-    dataset = Dataset.from_generator(_elements, features=RAW_FEATURES, cache_dir=cache_dir,
-                                     gen_kwargs={"path": str(path), "stamp": _stamp(path)})
+    dataset = _raw_dataset(path, _element_chunks(value), cache_dir)
     return Piece(dataset, str(path), tuple(first or ()), first, raw=True)
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    """Size and modification time: part of the cache key, so an edited file is read again."""
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
 
 
 def _in_memory(dataset: Dataset, name: str) -> Piece:
