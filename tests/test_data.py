@@ -205,6 +205,8 @@ def test_glob_directory_and_list_keep_each_file(tmp_path: Path, cache: str) -> N
     write_jsonl(folder / "b.jsonl", [chat("b1"), chat("b2")])
     write_jsonl(folder / "a.jsonl", [chat("a1")])
     Dataset.from_list([{"instruction": "c", "output": "C"}]).to_parquet(str(folder / "c.parquet"))
+    (folder / ".cache").mkdir()
+    write_jsonl(folder / ".cache" / "hidden.jsonl", [{"text": "not data"}])
     by_dir = load_sft_dataset(folder, cache_dir=cache)
     by_glob = load_sft_dataset(str(folder / "*.jsonl"), cache_dir=cache)
     by_list = load_sft_dataset([folder / "b.jsonl", str(folder / "a.jsonl")], cache_dir=cache)

@@ -4,9 +4,10 @@ A :class:`Piece` is one file (or one in-memory data set) as a memory-mapped Arro
 plus what preparation needs to know about it: where it came from and which columns its examples
 have. Pieces are prepared one by one so that every row keeps its file and line.
 
-JSON Lines files are read line by line into a column of raw bytes with each line's number, and
-parsed during preparation. That costs a little speed against pyarrow's JSON reader, and buys
-three things the reader cannot give: exact line numbers, one bad line reported (or skipped) as
+JSON Lines files are split into lines in large blocks and written, as a column of raw bytes with
+each line's number, to a memory-mapped Arrow file in the cache; the lines are parsed during
+preparation. Against pyarrow's JSON reader this moves the parsing into Python, and buys three
+things the reader cannot give: exact line numbers, one bad line reported (or skipped) as
 one bad example instead of failing the whole file, and no Arrow schema inference over nested
 fields whose keys differ from row to row (tool-call arguments, tool schemas). JSON array files
 take the same path with each element as one raw row. CSV and Parquet files, in-memory data sets
@@ -92,10 +93,14 @@ def load_pieces(source: Source | Sequence[str | os.PathLike[str]], *, split: str
 
 
 def _resolve(source: str) -> list[Path] | None:
-    """The files a path, glob or directory names; ``None`` if it looks like a hub name."""
+    """The files a path, glob or directory names; ``None`` if it looks like a hub name.
+
+    A directory contributes every data file below it, except in hidden folders (``.cache``).
+    """
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(f"{source}: the directory holds no data files; expected files "
                             f"ending in {', '.join(SUFFIXES)}")
