@@ -217,7 +217,21 @@ def _message_list(value: Any, field: str, **message_options: Any) -> list[dict[s
     if not isinstance(value, list):
         raise BadExample("not_a_message_list", field, f"found {_type_name(value)}",
                          "a list of messages")
+    if not message_options:
+        plain = [_plain_message(m) for m in value]
+        if all(plain):  # the common case, without building a field name per message
+            return plain  # type: ignore[return-value]
     return [_message(m, f"{field}[{i}]", **message_options) for i, m in enumerate(value)]
+
+
+def _plain_message(value: Any) -> dict[str, str | None] | None:
+    """``{"role": str, "content": str}`` and nothing else, canonical; ``None`` for anything else."""
+    if type(value) is dict and len(value) == 2:
+        role, content = value.get("role"), value.get("content")
+        if type(role) is str and type(content) is str:
+            return {"role": role, "content": content, "tool_calls": None, "tool_call_id": None,
+                    "name": None}
+    return None
 
 
 def _tools(example: Mapping[str, Any]) -> str | None:

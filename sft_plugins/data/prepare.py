@@ -221,7 +221,8 @@ def _prepare_piece(piece: Piece, format_name: str, kind: Kind, options: _Options
                               options.template, piece.raw)
     num_proc = options.num_proc
     if num_proc is None:
-        num_proc = _cores() if len(piece.dataset) >= PARALLEL_MIN_ROWS else None
+        num_proc = _cores() if len(piece.dataset) >= PARALLEL_MIN_ROWS else 1
+    num_proc = min(num_proc, len(piece.dataset))
     fingerprint = Hasher.hash([piece.dataset._fingerprint, format_name, kind,
                                sorted(options.column_map.items()),
                                _template_fingerprint(options.template), __version__])
@@ -229,7 +230,8 @@ def _prepare_piece(piece: Piece, format_name: str, kind: Kind, options: _Options
     try:
         dataset = piece.dataset.map(
             function, batched=True, with_indices=True, features=features_for(kind),
-            remove_columns=piece.dataset.column_names, num_proc=num_proc,
+            remove_columns=piece.dataset.column_names,
+            num_proc=num_proc if num_proc > 1 else None,  # 1 would still start a worker pool
             new_fingerprint=fingerprint, desc=f"Preparing {os.path.basename(piece.name)}")
     finally:  # datasets turns the tokenizer's threads off for good when num_proc > 1
         if parallelism is None:
