@@ -359,3 +359,13 @@ def test_hub_names_go_to_load_dataset(monkeypatch: pytest.MonkeyPatch, tmp_path:
     (tmp_path / "data").mkdir()
     with pytest.raises(DataError, match=r"data/train: no such file or directory"):
         load_sft_dataset("data/train")  # under an existing directory: a path, not a hub name
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"on_bad_example": "ignore"}, "on_bad_example='ignore'; expected 'error' or 'skip'"),
+    ({"eval_split_ratio": 1.5}, "eval_split_ratio=1.5; expected a number between 0 and 1"),
+    ({"eval_split_ratio": 0.001}, r"eval_split_ratio=0\.001 cannot split 1 examples"),
+])
+def test_bad_options(cache: str, options: dict[str, Any], expected: str) -> None:
+    with pytest.raises(DataError, match=expected):
+        load_sft_dataset(Dataset.from_list([chat()]), **options)
