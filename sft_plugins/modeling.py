@@ -131,6 +131,8 @@ def load_model(args: ModelArguments, *, bf16: bool = False, fp16: bool = False,
         kwargs["attn_implementation"] = args.attn_implementation
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+        if torch.cuda.is_available():  # quantized weights load onto this process's GPU
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training

@@ -104,10 +104,13 @@ class SFTPluginTrainer(Trainer):
         plugin_manager: PluginManager | None = None,
         dataset_num_proc: int | None = None,
         logits_chunk_size: int = 1024,
+        full_logits: bool = False,
         **kwargs: Any,
     ) -> None:
         self.plugin_manager = plugin_manager or get_plugin_manager()
         self.logits_chunk_size = logits_chunk_size
+        self.full_logits = full_logits
+        """Always use the model's full logits (to compare against, or to debug)."""
         self.dataset_num_proc = dataset_num_proc
         self.chat_template = self._resolve_template(template, template_options,
                                                     processing_class)
@@ -198,6 +201,7 @@ class SFTPluginTrainer(Trainer):
         head = core.get_output_embeddings() if hasattr(core, "get_output_embeddings") else None
         fast = (
             model.training
+            and not self.full_logits
             and getattr(core.config, "model_type", None) in FAST_PATH_MODEL_TYPES
             and _head_is_plain_linear(head)
             and not self.is_fsdp_enabled
