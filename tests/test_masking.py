@@ -340,3 +340,41 @@ def test_preparation_is_cached_by_datasets(tmp_path: Path, tokenizer: Any,
     assert first.dataset.cache_files and first.dataset.cache_files == second.dataset.cache_files
     other = collators.create("last-turn").prepare(dataset, tokenizer, HandTemplate(), desc=None)
     assert other.dataset.cache_files != first.dataset.cache_files
+
+
+def test_a_tokenizer_that_is_not_byte_level_uses_offsets(tokenizer: Any, collators: Any) -> None:
+    """A WordLevel tokenizer (with a normalizer) has no byte table; masking still works."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from sft_plugins.masking import ByteLevelSpans
+
+    words = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+             PAD, "[UNK]", "user", "assistant", "hi", "there", "hello"]
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.add_special_tokens(words[:5])
+    wordlevel = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    assert ByteLevelSpans.of(wordlevel) is None and ByteLevelSpans.of(tokenizer) is not None
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "hello"}]
+    row = prepare(collators.create("assistant-only"), [{"messages": messages}],
+                  wordlevel).dataset[0]
+    trained = [t for t in row["labels"] if t != IGNORE_INDEX]
+    assert wordlevel.convert_ids_to_tokens(trained) == ["hello", EOT]
+
+
+def test_padding_left_switched_on_in_the_tokenizer_backend_does_not_leak(
+        collators: Any) -> None:
+    """A batched ``tokenizer(..., padding=True)`` call leaves padding on in the shared Rust
+    backend; the batched encoding must still give every example its own length."""
+    padded = llama_tokenizer()
+    padded.pad_token = PAD
+    padded(["a", "a much longer text"], padding=True)
+    examples = [RenderedExample(text, (), False, False) for text in ("a", "a b c d e f")]
+    collator = collators.create("all-tokens")
+    for offsets in (True, False):
+        encodings = collator.encode_batch(examples, padded, offsets=offsets)
+        assert [len(e.ids) for e in encodings] == [1, 6]
+    assert padded.backend_tokenizer.padding is not None  # the caller's tokenizer is untouched

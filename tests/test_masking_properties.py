@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_masking_support import PAD, llama_tokenizer
 
-from sft_plugins.masking import IGNORE_INDEX
+from sft_plugins.masking import IGNORE_INDEX, ByteLevelSpans, WeightedSpan, token_ranges_fast
 from sft_plugins.testing import plugin_manager
 
 EXAMPLES = settings(max_examples=40, deadline=None,
@@ -181,3 +181,28 @@ def test_a_truncated_mask_is_the_prefix_or_suffix_of_the_whole(
     [row] = list(prepared.dataset)
     assert row["input_ids"] == whole["input_ids"][part]
     assert row["labels"] == expected_labels
+
+
+SPECIALS = ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+
+
+@EXAMPLES
+@given(pieces=st.lists(st.one_of(CONTENT, st.sampled_from(SPECIALS)), min_size=1, max_size=8),
+       cuts=st.lists(st.integers(0, 400), min_size=2, max_size=6))
+def test_byte_level_ranges_equal_the_offsets_ranges(pieces: list[str], cuts: list[int]) -> None:
+    """The offset-free path (token byte lengths) finds the same tokens as the offsets."""
+    tokenizer = llama_tokenizer()
+    text = "".join(pieces)
+    bounds = sorted(min(c, len(text)) for c in cuts)
+    spans = [WeightedSpan(a, b) for a, b in zip(bounds[::2], bounds[1::2], strict=False)]
+    table = ByteLevelSpans.of(tokenizer)
+    assert table is not None
+    fast = tokenizer.backend_tokenizer.encode_batch_fast([text], add_special_tokens=False)[0]
+    with_offsets = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    assert fast.ids == with_offsets.ids
+    ours = table.ranges(text, fast.ids, spans)
+    assert ours is not None
+    expected = token_ranges_fast(with_offsets, spans)
+    assert [r for r, s in zip(ours, spans, strict=True) if s.start < s.end] == \
+        [r for r, s in zip(expected, spans, strict=True) if s.start < s.end]
+    assert all(a == b for (a, b), s in zip(ours, spans, strict=True) if s.start == s.end)
