@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from sft_plugins.errors import MaskingError
 from sft_plugins.masking import (
     MaskingCollator,
     RenderedExample,
@@ -69,8 +70,8 @@ class ResponseTemplate(MaskingCollator):
     def weigh(self, example: RenderedExample) -> Weighting:
         response = self._response_text
         if response is None:
-            raise RuntimeError("ResponseTemplate.bind(tokenizer, template) was not called; "
-                               "prepare() calls it")
+            raise MaskingError("response-template: call bind(tokenizer, template) (prepare() "
+                               "does) before weigh()")
         text = example.text
         starts = _occurrences(text, response)
         if not starts:
