@@ -144,6 +144,8 @@ def test_unusable_sources(tmp_path: Path, cache: str) -> None:
         load_sft_dataset(Dataset.from_list([]))
     with pytest.raises(DataError, match="no data source given"):
         load_sft_dataset([])
+    with pytest.raises(DataError, match="an IterableDataset cannot be validated before training"):
+        load_sft_dataset(Dataset.from_list([chat()]).to_iterable_dataset())  # type: ignore[arg-type]
 
 
 def test_mixed_kinds_in_one_split(tmp_path: Path, cache: str) -> None:
