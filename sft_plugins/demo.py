@@ -132,6 +132,20 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def write_mask_view(train: Dataset, template: ChatTemplate, tokenizer: Any, out: Path,
+                    count: int = 5) -> None:
+    """``masks.html``: the first training conversations, token by token, trained ones marked."""
+    from sft_plugins.commands.render import as_html, render_file
+
+    lines = [json.dumps({"messages": row["prompt"] + row["completion"]})
+             for row in train.select(range(count))]
+    source = out / "mask_examples.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    examples = render_file(source, template, tokenizer, add_generation_prompt=False, options={})
+    (out / "masks.html").write_text(as_html(examples, template, "sft-plugins demo: what is "
+                                            "trained"))
+
+
 def run_demo(output_dir: str | Path = "demo-output", *, steps: int = 600, batch_size: int = 64,
              learning_rate: float = 3e-3, seed: int = 0, heldout_size: int = 200,
              console: Console | None = None) -> DemoResult:
@@ -180,8 +194,10 @@ def run_demo(output_dir: str | Path = "demo-output", *, steps: int = 600, batch_
     trainer.save_model(str(out / "model"))
     tokenizer.save_pretrained(str(out / "model"))
     plot_loss(trainer.state.log_history, out / "loss.png")
+    write_mask_view(train, template, tokenizer, out)
     seconds = time.perf_counter() - started
-    console.print(f"wrote {out / 'model'}, {out / 'loss.png'} in {seconds:.0f} s")
+    console.print(f"wrote {out / 'model'}, {out / 'loss.png'} and {out / 'masks.html'} "
+                  f"in {seconds:.0f} s")
     return DemoResult(before_accuracy, after_accuracy, seconds, out)
 
 
