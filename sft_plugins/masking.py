@@ -317,8 +317,11 @@ class ByteLevelSpans:
         ranges = []
         for span in spans:
             first = int(np.searchsorted(ends, byte(span.start), side="right"))
+            if span.end <= span.start:  # no character, no token
+                ranges.append((first, first))
+                continue
             stop = int(np.searchsorted(starts, byte(span.end), side="left"))
-            ranges.append((first, max(first, stop)))
+            ranges.append((first, stop))
         return ranges
 
 
