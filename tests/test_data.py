@@ -194,6 +194,22 @@ def test_json_array_parquet_csv_tsv(tmp_path: Path, cache: str) -> None:
     assert location_of(row) == f"{tmp_path / 'array.json'}, example index 1"
 
 
+def test_gzip_compressed_files(tmp_path: Path, cache: str) -> None:
+    import gzip
+
+    folder = tmp_path / "compressed"
+    folder.mkdir()
+    with gzip.open(folder / "train.jsonl.gz", "wt") as handle:
+        handle.write(f"{json.dumps(chat('a'))}\n\n{json.dumps(chat('b'))}\n")
+    with gzip.open(folder / "alpaca.csv.gz", "wt") as handle:
+        handle.write("instruction,output\nQ,007\n")
+    data = load_sft_dataset(folder / "train.jsonl.gz", cache_dir=cache)
+    assert [r["source_line"] for r in data.train] == [1, 3]
+    csv_data = load_sft_dataset(folder / "alpaca.csv.gz", cache_dir=cache)
+    assert messages_from_row(csv_data.train[0])[1]["content"] == "007"
+    assert len(load_sft_dataset(folder, cache_dir=cache).train) == 3  # both, from the folder
+
+
 def test_json_file_holding_json_lines(tmp_path: Path, cache: str) -> None:
     path = write_jsonl(tmp_path / "lines.json", [chat("a"), chat("b")])
     assert load_sft_dataset(path, cache_dir=cache).train[1]["source_line"] == 2

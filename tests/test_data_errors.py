@@ -109,6 +109,12 @@ def test_csv_cells_stay_text(tmp_path: Path, cache: str) -> None:
     assert [messages_from_row(r)[1]["content"] for r in data.train] == ["007", "NA"]
 
 
+def test_corrupt_gzip(tmp_path: Path, cache: str) -> None:
+    (tmp_path / "train.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"train\.jsonl\.gz: cannot be read \(Not a gzipped file"):
+        load_sft_dataset(tmp_path / "train.jsonl.gz", cache_dir=cache)
+
+
 def test_corrupt_parquet(tmp_path: Path, cache: str) -> None:
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match=r"broken\.parquet: cannot be read as Parquet"):

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import csv
 import glob
+import gzip
+import io
 import json
 import os
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import datasets.config
 import pyarrow as pa
@@ -40,6 +43,7 @@ RAW = "raw"
 
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 SUFFIXES = (*JSON_LINES_SUFFIXES, ".json", ".parquet", ".csv", ".tsv")
+"""Data files by suffix; every one but ``.parquet`` may also be gzip-compressed (``.jsonl.gz``)."""
 PEEK_LINES = 100
 """How many non-blank lines of a JSON Lines file are read to find the columns of its examples."""
 
@@ -99,7 +103,7 @@ def _resolve(source: str) -> list[Path] | None:
     """
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+        files = sorted(p for p in path.rglob("*") if p.is_file() and data_suffix(p) in SUFFIXES
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(f"{source}: the directory holds no data files; expected files "
@@ -123,12 +127,35 @@ def _resolve(source: str) -> list[Path] | None:
 def _looks_local(source: str, path: Path) -> bool:
     """A data file's name, an explicit path, or a path under an existing directory; hub names
     such as ``org/name`` are none of these."""
-    return (path.suffix.lower() in SUFFIXES or source.startswith((".", "/", "~"))
+    return (data_suffix(path) in SUFFIXES or source.startswith((".", "/", "~"))
             or (path.parent != Path() and path.parent.is_dir()))
 
 
+def data_suffix(path: Path) -> str:
+    """The suffix that says what a file holds: ``.jsonl`` for ``train.jsonl.gz`` too."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] == ".gz":
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
+
+
+def _open(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed when its name ends in ``.gz``."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return path.open("rb")
+
+
 def _from_file(path: Path, cache_dir: str | None) -> Piece:
-    suffix = path.suffix.lower()
+    try:
+        return _read_file(path, cache_dir)
+    except (OSError, EOFError, zlib.error) as exc:  # unreadable, or a corrupt .gz
+        raise DataError(f"{path}: cannot be read ({exc}); check the file's permissions and, "
+                        "for .gz files, that it is complete gzip data") from None
+
+
+def _read_file(path: Path, cache_dir: str | None) -> Piece:
+    suffix = data_suffix(path)
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; expected one of "
                         f"{', '.join(SUFFIXES)}")
@@ -156,7 +183,7 @@ def _from_file(path: Path, cache_dir: str | None) -> Piece:
 def _csv_header(path: Path, sep: str) -> list[str]:
     """The column names, after checking that at least one row follows them."""
     try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
+        with io.TextIOWrapper(_open(path), encoding="utf-8-sig", newline="") as handle:
             rows = (row for row in csv.reader(handle, delimiter=sep) if row)
             header = next(rows)
             if next(rows, None) is None:
@@ -169,7 +196,7 @@ def _csv_header(path: Path, sep: str) -> list[str]:
 
 
 def _has_content(path: Path) -> bool:
-    with path.open("rb") as handle:
+    with _open(path) as handle:
         while chunk := handle.read(1 << 16):
             if chunk.strip():
                 return True
@@ -190,7 +217,7 @@ def _wrapped(path: Path, kind: str, load: Any) -> Dataset:
 
 def _is_json_lines(path: Path) -> bool:
     """A ``.json`` file is JSON Lines when its first non-blank line is a whole JSON value."""
-    with path.open("rb") as handle:
+    with _open(path) as handle:
         for line in handle:
             if line.strip():
                 if line.lstrip().startswith(b"["):
@@ -211,7 +238,7 @@ def _line_chunks(path: Path) -> Iterator[tuple[list[bytes], list[int | None]]]:
     """
     leftover = b""
     first_line = 1
-    with path.open("rb") as handle:
+    with _open(path) as handle:
         while True:
             block = handle.read(READ_BLOCK)
             lines = (leftover + block).split(b"\n")
@@ -247,12 +274,16 @@ def _raw_dataset(path: Path, chunks: Iterator[tuple[list[bytes], list[int | None
     target = directory / f"{path.stem[:40]}-{key}.arrow"
     if not target.exists():
         partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, RAW_SCHEMA) as out:
-            for raws, lines in chunks:
-                out.write_batch(pa.record_batch(
-                    [pa.array(raws, pa.binary()), pa.array(lines, pa.int64())],
-                    schema=RAW_SCHEMA))
-        os.replace(partial, target)
+        try:
+            with pa.OSFile(str(partial), "wb") as sink, \
+                    pa.ipc.new_stream(sink, RAW_SCHEMA) as out:
+                for raws, lines in chunks:
+                    out.write_batch(pa.record_batch(
+                        [pa.array(raws, pa.binary()), pa.array(lines, pa.int64())],
+                        schema=RAW_SCHEMA))
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
     return Dataset.from_file(str(target))
 
 
@@ -264,7 +295,7 @@ def _json_lines(path: Path, cache_dir: str | None) -> Piece:
 
 def _first_object(path: Path) -> dict[str, Any] | None:
     """The first line that is a JSON object, among the first :data:`PEEK_LINES` non-blank ones."""
-    with path.open("rb") as handle:
+    with _open(path) as handle:
         seen = 0
         for line in handle:
             if not line.strip():
@@ -283,7 +314,7 @@ def _first_object(path: Path) -> dict[str, Any] | None:
 
 def _json_array(path: Path, cache_dir: str | None) -> Piece:
     try:
-        with path.open("rb") as handle:
+        with _open(path) as handle:
             value = json.load(handle)
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); expected a JSON array of examples or "
