@@ -28,6 +28,7 @@ import copy
 import inspect
 import json
 import math
+import os
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -557,6 +558,8 @@ class MaskingCollator:
         ``on_invalid="skip"``.
         """
         self.bind(tokenizer, template)
+        if not num_proc or num_proc == 1:
+            restore_tokenizers_parallelism()
         eos_text = template.eos_token if template is not None else tokenizer.eos_token
         mapped = dataset.map(
             _prepare_batch, batched=True, batch_size=batch_size, with_indices=True,
@@ -672,6 +675,25 @@ class MaskingCollator:
         if weights is not None:
             batch["loss_weights"] = weights
         return batch
+
+
+PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"
+
+
+def restore_tokenizers_parallelism() -> None:
+    """Give the Rust tokenizer back the thread-pool setting Python's environment shows.
+
+    ``datasets.map(num_proc>1)`` sets ``TOKENIZERS_PARALLELISM=false`` before it forks and then
+    restores ``os.environ`` by reassigning the mapping, which leaves the C environment (the one
+    the Rust library reads) at ``false``: every later batched call in the main process runs on
+    one thread. Preparing in one process, re-export what Python's environment says (or unset
+    it, the library default) so the batched call uses every core.
+    """
+    value = os.environ.get(PARALLELISM_ENV)
+    if value is None:
+        os.unsetenv(PARALLELISM_ENV)
+    else:
+        os.putenv(PARALLELISM_ENV, value)
 
 
 _BYTE_LEVEL: weakref.WeakKeyDictionary[Any, tuple[int, ByteLevelSpans | None]] = \

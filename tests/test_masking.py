@@ -378,3 +378,21 @@ def test_padding_left_switched_on_in_the_tokenizer_backend_does_not_leak(
         encodings = collator.encode_batch(examples, padded, offsets=offsets)
         assert [len(e.ids) for e in encodings] == [1, 6]
     assert padded.backend_tokenizer.padding is not None  # the caller's tokenizer is untouched
+
+
+def test_one_process_preparation_gets_the_tokenizer_threads_back(tokenizer: Any,
+                                                                collators: Any,
+                                                                monkeypatch: Any) -> None:
+    """After a ``map(num_proc=2)`` the C environment says ``TOKENIZERS_PARALLELISM=false``
+    while ``os.environ`` does not; one-process preparation re-exports Python's view."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    Dataset.from_list([{"a": i} for i in range(4)]).map(lambda row: row, num_proc=2)
+    assert libc.getenv(b"TOKENIZERS_PARALLELISM") == b"false"
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+    prepare(collators.create("all-tokens"), [{"text": "hi"}], tokenizer)
+    assert libc.getenv(b"TOKENIZERS_PARALLELISM") is None
