@@ -124,12 +124,14 @@ def test_corrupt_parquet(tmp_path: Path, cache: str) -> None:
 @pytest.mark.parametrize(("content", "expected"), [
     ('{\n  "data": [1]\n}', "top-level JSON value is dict"),
     ("[]", "JSON array is empty"),
+    ('[{"text": "a"}, ["b"]]', r"example index 1: field '\(array element\)': a JSON list; "
+                               "expected one JSON object per array element"),
     ('[{"text": "a"},', "not valid JSON"),
 ])
 def test_malformed_json_files(tmp_path: Path, cache: str, content: str, expected: str) -> None:
     path = tmp_path / "data.json"
     path.write_text(content)
-    with pytest.raises(DataError, match=rf"data\.json: .*{expected}"):
+    with pytest.raises(DataError, match=rf"data\.json[:,] .*{expected}"):
         load_sft_dataset(path, cache_dir=cache)
 
 

@@ -158,13 +158,12 @@ def _format_option(name: str | None) -> str | None:
 
 
 def _eval_split(source: object, eval_split: str | None) -> str:
+    """The split to evaluate on: as given, else a DatasetDict's evaluation split, else train."""
     if eval_split is not None:
         return eval_split
     if isinstance(source, DatasetDict):
-        for candidate in ("validation", "eval", "test"):
-            if candidate in source:
-                return candidate
-    return "validation" if isinstance(source, DatasetDict) else "train"
+        return next((s for s in ("validation", "eval", "test") if s in source), "validation")
+    return "train"
 
 
 def _prepare_split(split_name: str, source: Any, split: str, options: _Options,
@@ -186,7 +185,7 @@ def _prepare_split(split_name: str, source: Any, split: str, options: _Options,
     dataset = prepared[0] if len(prepared) == 1 else concatenate_datasets(prepared)
     if len(dataset) == 0:
         raise DataError(f"every {split_name} example was skipped as bad:\n{summary.render()}")
-    return dataset, record.kind  # type: ignore[return-value]
+    return dataset, record.kind
 
 
 def _plan(piece: Piece, options: _Options) -> tuple[str, Kind]:
@@ -315,12 +314,12 @@ class _Canonicaliser:
         out: dict[str, list[Any]] = {column: [] for column in self.columns}
         lines = batch["source_line"] if self.raw else [None] * len(indices)
         for position, (row, line) in enumerate(zip(indices, lines, strict=True)):
-            location = describe_location(self.source_file, row, line)
             try:
                 fields = self._canonical(batch, position)
                 reason = message = None
             except BadExample as bad:
-                fields, reason, message = self._empty(), bad.reason, f"{location}: {bad}"
+                fields, reason = self._empty(), bad.reason
+                message = f"{describe_location(self.source_file, row, line)}: {bad}"
             fields.update(source_file=self.source_file, source_row=row, source_line=line)
             fields[BAD_REASON], fields[BAD_MESSAGE] = reason, message
             for column in self.columns:
@@ -351,9 +350,8 @@ class _Canonicaliser:
     def _example(self, batch: dict[str, list[Any]], position: int) -> dict[str, Any]:
         if not self.raw:
             return {self.column_map.get(k, k): v[position] for k, v in batch.items()}
-        raw = batch[RAW][position]
         try:
-            value = json.loads(raw)
+            value = json.loads(batch[RAW][position])
         except UnicodeDecodeError:
             raise BadExample("invalid_json", "(line)", "the line is not valid UTF-8",
                              "one JSON object per line, UTF-8 encoded") from None
@@ -361,8 +359,9 @@ class _Canonicaliser:
             raise BadExample("invalid_json", "(line)", f"not valid JSON ({exc})",
                              "one JSON object per line") from None
         if not isinstance(value, dict):
-            raise BadExample("invalid_json", "(line)", f"a JSON {type(value).__name__}",
-                             "one JSON object per line")
+            unit = "line" if batch["source_line"][position] is not None else "array element"
+            raise BadExample("invalid_json", f"({unit})", f"a JSON {type(value).__name__}",
+                             f"one JSON object per {unit}")
         return {self.column_map.get(k, k): v for k, v in value.items()}
 
     def _empty(self) -> dict[str, Any]:

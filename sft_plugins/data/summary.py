@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sft_plugins.data.schema import Kind
+
 SUMMARY_FILE = "data_summary.json"
 MAX_SAMPLES = 20
 """How many skipped examples the summary quotes in full (the counts cover all of them)."""
@@ -18,7 +20,7 @@ class SplitSummary:
     split: str
     sources: list[str]
     format: str
-    kind: str
+    kind: Kind
     examples: int = 0
     kept: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
