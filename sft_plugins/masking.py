@@ -3,7 +3,7 @@
 A chat template renders a conversation and says which characters each assistant turn produced
 (its trained span). A :class:`MaskingCollator` turns an example into text plus weighted character
 spans (:meth:`MaskingCollator.weigh`); one batched fast-tokenizer call and the encodings' offsets
-then give every token its weight:
+(or, for byte-level BPE, the tokens' byte lengths) then give every token its weight:
 
 - a token that touches a weighted span (shares at least one character with it) gets the span's
   weight (the largest one, if it touches two);
@@ -30,16 +30,16 @@ import json
 import math
 import os
 import weakref
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from sft_plugins.errors import DataError, MaskingError, SFTPluginsError
+from sft_plugins.errors import DataError, MaskingError, PluginOptionError, SFTPluginsError
 
 if TYPE_CHECKING:
     import datasets
@@ -494,8 +494,6 @@ class MaskingCollator:
         """Set by :meth:`prepare` (or by hand when only padding is needed)."""
 
     def _option_error(self, option: str, value: object, expected: str) -> Exception:
-        from sft_plugins.errors import PluginOptionError
-
         return PluginOptionError(f"collator {self.name!r}: option {option}={value!r} is invalid; "
                                  f"expected {expected}")
 
@@ -567,17 +565,20 @@ class MaskingCollator:
             load_from_cache_file=load_from_cache_file, desc=desc,
             fn_kwargs={"collator": self, "tokenizer": tokenizer, "template": template,
                        "eos_text": eos_text})
-        reasons = mapped[SKIP_COLUMN]
-        skipped = Counter(r for r in reasons if r)
+        total = len(mapped)
+        # Count in Arrow: a million kept rows never become a million Python strings.
+        reasons = mapped.data.column(SKIP_COLUMN)
+        counts = pc.value_counts(reasons).to_pylist()
+        skipped = {c["values"]: c["counts"] for c in counts if c["values"]}
         first_skips: list[str] = []
         if skipped:
-            details = mapped.select([i for i, r in enumerate(reasons) if r][:5])[DETAIL_COLUMN]
-            first_skips = list(details)
+            where = pc.indices_nonzero(pc.not_equal(reasons, "")).to_pylist()
+            first_skips = mapped.select(where[:5])[DETAIL_COLUMN]
             mapped = mapped.filter(lambda rs: [not r for r in rs], input_columns=SKIP_COLUMN,
                                    batched=True, num_proc=num_proc)
         mapped = mapped.remove_columns([SKIP_COLUMN, DETAIL_COLUMN])
-        report = PreparationReport(total=len(reasons), kept=len(mapped), skipped=dict(skipped),
-                                   first_skips=first_skips)
+        report = PreparationReport(total=total, kept=len(mapped), skipped=skipped,
+                                   first_skips=list(first_skips))
         return PreparedDataset(mapped, report)
 
     def encode_batch(self, rendered: Sequence[RenderedExample], tokenizer: Any, *,
