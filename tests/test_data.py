@@ -99,6 +99,20 @@ def test_prompt_completion_strings_are_text_with_an_offset(tmp_path: Path, cache
     assert data.train[0]["completion_offset"] == len("The sky is")
 
 
+def test_prompt_completion_csv_text_and_json_messages(tmp_path: Path, cache: str) -> None:
+    """In CSV, a prompt cell holding a JSON message list is a conversation; other text (even
+    text that parses as a JSON list of numbers) is plain text."""
+    (tmp_path / "text.csv").write_text('prompt,completion\n"[1, 2]", 3\n')
+    text = load_sft_dataset(tmp_path / "text.csv", cache_dir=cache)
+    assert (text.kind, text.train[0]["text"]) == ("text", "[1, 2] 3")
+    prompt = json.dumps([{"role": "user", "content": "Q"}]).replace('"', '""')
+    completion = json.dumps([{"role": "assistant", "content": "A"}]).replace('"', '""')
+    (tmp_path / "chat.csv").write_text(f'prompt,completion\n"{prompt}","{completion}"\n')
+    chat_data = load_sft_dataset(tmp_path / "chat.csv", cache_dir=cache)
+    assert chat_data.kind == "conversation"
+    assert chat_data.train[0]["completion_index"] == 1
+
+
 def test_alpaca(tmp_path: Path, cache: str) -> None:
     rows = [{"instruction": "Translate.", "input": "chat", "output": "cat", "system": "Be exact."},
             {"instruction": "Say hi.", "input": "", "output": "hi"}]

@@ -46,7 +46,7 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
 
 FORMAT_ALIASES = {
     "conversational": "messages", "openai": "messages", "chatml": "messages",
-    "prompt-completion": "prompt_completion", "completion": "prompt_completion",
+    "prompt-completion": "prompt_completion",
     "share_gpt": "sharegpt", "share-gpt": "sharegpt",
 }
 
@@ -100,8 +100,8 @@ def kind_of(format_name: str, first_example: Mapping[str, Any] | None) -> Kind:
         return "text"
     if format_name == "prompt_completion" and first_example is not None:
         prompt = _decoded(first_example.get("prompt"))
-        if isinstance(prompt, str):
-            return "text"
+        if not (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt)):
+            return "text"  # a string, including one that merely looks like a JSON list
     return "conversation"
 
 
