@@ -46,8 +46,8 @@ def parse_column_map(text: str | None) -> dict[str, str]:
 @click.option("--on_bad_example", type=click.Choice(["error", "skip"]), default="error",
               show_default=True, help="Stop at the first bad example, or count them all.")
 @click.option("--output_dir", default=None, help="With skip: write data_summary.json here.")
-@click.option("--num_proc", type=int, default=None, help="Worker processes (default: all cores "
-              "for large files).")
+@click.option("--dataset_num_proc", "num_proc", type=int, default=None,
+              help="Worker processes (default: all cores for large files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def check_data_command(dataset: tuple[str, ...], eval_dataset: tuple[str, ...],
                        dataset_format: str | None, column_map: str | None,
