@@ -334,9 +334,22 @@ def test_template_skips_are_counted_once_per_rule(tmp_path: Path, cache: str) ->
         "template no-system: no-system does not support tools": 1}
 
 
+class RejectEverything:
+    name = "reject-everything"
+
+    def validate(self, messages: list[dict[str, Any]], *,
+                 tools: list[dict[str, Any]] | None = None) -> None:
+        raise TemplateError("reject-everything rejects every conversation")
+
+
 def test_text_data_is_not_given_to_the_template(tmp_path: Path, cache: str) -> None:
-    path = write_lines(tmp_path / "text.jsonl", [json.dumps({"text": "plain"})])
-    assert len(load_sft_dataset(path, template=NoSystemTemplate(), cache_dir=cache).train) == 1
+    for name, row in (("text", {"text": "plain"}), ("pc", {"prompt": "p", "completion": "c"})):
+        path = write_lines(tmp_path / f"{name}.jsonl", [json.dumps(row)])
+        data = load_sft_dataset(path, template=RejectEverything(), cache_dir=cache)
+        assert (data.kind, len(data.train)) == ("text", 1)
+    conversation = write_lines(tmp_path / "chat.jsonl", [json.dumps(chat())])
+    with pytest.raises(DataError, match="reject-everything rejects every conversation"):
+        load_sft_dataset(conversation, template=RejectEverything(), cache_dir=cache)
 
 
 # ------------------------------------------------------------------- hub names ----------
