@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -293,9 +294,13 @@ def test_an_edited_file_is_read_again(tmp_path: Path, cache: str) -> None:
 
 def test_worker_processes_restore_tokenizer_parallelism(tmp_path: Path, cache: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """datasets sets the variable to false in the process environment (which the Rust tokenizer
+    reads) and puts back only a Python-level copy of ``os.environ``; check the real one."""
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     path = write_jsonl(tmp_path / "d.jsonl", [chat(str(i)) for i in range(200)])
     data = load_sft_dataset(path, num_proc=2, cache_dir=cache)
     assert [r["source_line"] for r in data.train] == list(range(1, 201))
-
     assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+    assert libc.getenv(b"TOKENIZERS_PARALLELISM") == b"true"

@@ -232,7 +232,9 @@ def _prepare_piece(piece: Piece, format_name: str, kind: Kind, options: _Options
             remove_columns=piece.dataset.column_names,
             num_proc=num_proc if num_proc > 1 else None,  # 1 would still start a worker pool
             new_fingerprint=fingerprint, desc=f"Preparing {os.path.basename(piece.name)}")
-    finally:  # datasets turns the tokenizer's threads off for good when num_proc > 1
+    finally:  # datasets sets it to false in the process environment the Rust tokenizer
+        # reads, and restores only its Python copy of os.environ: later tokenization would
+        # run on one thread
         if parallelism is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
