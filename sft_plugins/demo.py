@@ -194,11 +194,20 @@ def run_demo(output_dir: str | Path = "demo-output", *, steps: int = 600, batch_
     trainer.save_model(str(out / "model"))
     tokenizer.save_pretrained(str(out / "model"))
     plot_loss(trainer.state.log_history, out / "loss.png")
+    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     write_mask_view(train, template, tokenizer, out)
     seconds = time.perf_counter() - started
-    console.print(f"wrote {out / 'model'}, {out / 'loss.png'} and {out / 'masks.html'} "
-                  f"in {seconds:.0f} s")
-    return DemoResult(before_accuracy, after_accuracy, seconds, out)
+    result = DemoResult(before_accuracy, after_accuracy, seconds, out)
+    (out / "results.json").write_text(json.dumps(
+        {"exact_match_before": before_accuracy, "exact_match_after": after_accuracy,
+         "seconds": seconds, "steps": steps, "batch_size": batch_size,
+         "samples": [{"prompt": PROMPT.format(s), "expected": answer(s), "before": b,
+                      "after": a}
+                     for s, b, a in list(zip(heldout, before, after, strict=True))[:20]]},
+        indent=2))
+    console.print(f"wrote {out / 'model'}, {out / 'loss.png'}, {out / 'masks.html'} and "
+                  f"{out / 'results.json'} in {seconds:.0f} s")
+    return result
 
 
 __all__ = ["DemoResult", "run_demo"]
