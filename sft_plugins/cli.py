@@ -74,11 +74,13 @@ def list_command(as_json: bool) -> None:
 
 
 def _attach_subcommands() -> None:
+    from sft_plugins.commands.chat import chat_command
     from sft_plugins.commands.demo import demo_command
     from sft_plugins.commands.doctor import doctor_command
     from sft_plugins.commands.render import render_command
     from sft_plugins.commands.train import train_command
 
+    main.add_command(chat_command)
     main.add_command(demo_command)
     main.add_command(train_command)
     main.add_command(render_command)

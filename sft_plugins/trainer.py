@@ -116,6 +116,8 @@ class SFTPluginTrainer(Trainer):
                                                     processing_class)
         if self.chat_template is not None and processing_class is not None:
             self.chat_template.configure_tokenizer(processing_class)
+            if model is not None:
+                self._configure_generation(_core_model(model), processing_class)
         self.collator = self._resolve(collator, collator_options, self.plugin_manager.collators)
         self.perturber = (None if perturber is None else
                           self._resolve(perturber, perturber_options,
@@ -143,6 +145,18 @@ class SFTPluginTrainer(Trainer):
         if self.perturber is not None:
             self._perturber_callback = PerturberCallback(self.perturber)
             self.add_callback(self._perturber_callback)
+
+    def _configure_generation(self, model: nn.Module, tokenizer: Any) -> None:
+        """Make the saved generation config stop at every stop token of the template (the
+        end-of-turn token first), so ``generate`` after ``apply_chat_template`` stops where
+        the model was trained to."""
+        config = getattr(model, "generation_config", None)
+        if config is None or self.chat_template is None:
+            return
+        stops = self.chat_template.stop_token_ids(tokenizer)
+        if stops:
+            config.eos_token_id = stops
+        config.pad_token_id = tokenizer.pad_token_id
 
     # ---- plugin resolution ------------------------------------------------------------------
 

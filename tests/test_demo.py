@@ -42,3 +42,13 @@ def test_short_demo_learns_and_writes_model_curve_and_masks(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     assert tokenizer.pad_token == "<|finetune_right_pad_id|>"
     assert json.loads((out / "preparation.json").read_text())["train"]["kept"] == 350 * 32
+    generation = json.loads((out / "model" / "generation_config.json").read_text())
+    stops = AutoTokenizer.from_pretrained(out / "model").convert_tokens_to_ids(
+        ["<|eot_id|>", "<|eom_id|>"])
+    assert set(stops) <= set(generation["eos_token_id"])
+
+    chat = CliRunner().invoke(main, ["chat", str(out / "model"), "--json", "-p",
+                                     "Sort the letters: c a b"], catch_exceptions=False)
+    assert chat.exit_code == 0, chat.output
+    reply = json.loads(chat.stdout.strip().splitlines()[-1])
+    assert reply["stopped"] and reply["new_tokens"] < 20, reply
