@@ -126,6 +126,8 @@ def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
     trainer.save_model()
     if trainer.args.should_save:
         trainer.save_state()
+    if not trainer.is_world_process_zero():
+        return trainer
     table = Table(title="sft-plugins train", title_justify="left", show_header=False)
     table.add_row("template", template.name if template else "none (plain text)")
     table.add_row("collator", collator.name)
