@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/sft-plugins list
+	$(BIN)/sft-plugins demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .
