@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from datasets import Dataset
+from hypothesis import HealthCheck, given, settings
+from test_masking_properties import conversations
 from test_masking_support import llama_tokenizer
 
 from sft_plugins.masking import IGNORE_INDEX
@@ -119,3 +121,23 @@ def test_assistant_only_equals_transformers_assistant_tokens_mask(
         assert row["input_ids"] == list(theirs["input_ids"])
         assert [int(label != IGNORE_INDEX) for label in row["labels"]] == \
             list(theirs["assistant_masks"])
+
+
+@pytest.mark.parametrize("template_name", ["llama-3.1", "chatml"])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(messages=conversations())
+def test_assistant_only_equals_transformers_on_generated_conversations(
+        manager: Any, template_name: str, messages: list[dict[str, str]]) -> None:
+    template = manager.templates.get(template_name)
+    tokenizer = llama_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer = template.configure_tokenizer(tokenizer, pad_token="<|finetune_right_pad_id|>")
+    collator = manager.collators.create("assistant-only")
+    [row] = collator.prepare(Dataset.from_list([{"messages": messages}]), tokenizer, template,
+                             desc=None).dataset
+    theirs = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                           return_assistant_tokens_mask=True)
+    assert row["input_ids"] == list(theirs["input_ids"])
+    assert [int(label != IGNORE_INDEX) for label in row["labels"]] == \
+        list(theirs["assistant_masks"])
