@@ -75,20 +75,15 @@ def list_command(as_json: bool) -> None:
 
 def _attach_subcommands() -> None:
     from sft_plugins.commands.chat import chat_command
+    from sft_plugins.commands.check_data import check_data_command
     from sft_plugins.commands.demo import demo_command
     from sft_plugins.commands.doctor import doctor_command
     from sft_plugins.commands.render import render_command
     from sft_plugins.commands.train import train_command
 
-    main.add_command(chat_command)
-    main.add_command(demo_command)
-    main.add_command(train_command)
-    main.add_command(render_command)
-    main.add_command(doctor_command)
+    for command in (render_command, doctor_command, check_data_command, train_command,
+                    chat_command, demo_command):
+        main.add_command(command)
 
 
 _attach_subcommands()
-
-from sft_plugins.commands.check_data import check_data_command  # noqa: E402
-
-main.add_command(check_data_command)
