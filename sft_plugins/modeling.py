@@ -10,46 +10,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from sft_plugins.arguments import ModelArguments
 from sft_plugins.errors import ModelLoadError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-@dataclass
-class ModelArguments:
-    """What to load and how to adapt it (``sft-plugins train`` flags of the same names)."""
-
-    model_name_or_path: str = field(metadata={"help": "A local model directory or a hub name."})
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer directory or hub name (default: the model's)."})
-    dtype: str = field(default="auto", metadata={
-        "help": "Weights dtype: auto (from --bf16/--fp16, else float32), bfloat16, float16, "
-                "float32."})
-    attn_implementation: str | None = field(default=None, metadata={
-        "help": "Attention kernel: sdpa, flash_attention_2, eager (default: transformers')."})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "Allow model code from the model's repository."})
-    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: list[str] | None = field(default=None, metadata={
-        "help": "Module names to adapt (default: every linear layer but the output head, as "
-                "QLoRA recommends: peft's 'all-linear')."})
-    load_in_4bit: bool = field(default=False, metadata={
-        "help": "Quantize the base model to 4 bits with bitsandbytes (QLoRA)."})
-    load_in_8bit: bool = field(default=False, metadata={
-        "help": "Quantize the base model to 8 bits with bitsandbytes."})
-    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
-    bnb_4bit_use_double_quant: bool = field(default=True, metadata={
-        "help": "Quantize the quantization constants too (QLoRA's double quantization)."})
 
 
 def _check_source(name: str, what: str) -> None:

@@ -14,16 +14,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from sft_plugins.commands.train import (
-    ConfigError,
-    DataArguments,
-    PluginArguments,
-    typed_options,
-)
+from sft_plugins.arguments import DataArguments, ModelArguments, PluginArguments
+from sft_plugins.commands.train import ConfigError, typed_options
 from sft_plugins.data import load_sft_dataset
 from sft_plugins.errors import TemplateError
 from sft_plugins.manager import PluginManager, get_plugin_manager
-from sft_plugins.modeling import ModelArguments, load_model, load_tokenizer
+from sft_plugins.modeling import load_model, load_tokenizer
 from sft_plugins.templates import ChatTemplate
 from sft_plugins.trainer import SFTPluginTrainer, with_variables
 

@@ -14,60 +14,20 @@ import inspect
 import json
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
+from sft_plugins.arguments import DataArguments, ModelArguments, PluginArguments
 from sft_plugins.errors import SFTPluginsError
-from sft_plugins.modeling import ModelArguments
 
 PLUGIN_KINDS = ("template", "collator", "perturber")
 
 
 class ConfigError(SFTPluginsError, ValueError):
     """The command line or the config file asks for something that cannot be done."""
-
-
-@dataclass
-class DataArguments:
-    """Where the data comes from and how bad examples are handled."""
-
-    dataset: list[str] = field(metadata={
-        "help": "Training data: files (.jsonl, .json, .parquet, .csv), globs, directories or a "
-                "datasets name."})
-    eval_dataset: list[str] | None = field(default=None, metadata={
-        "help": "Evaluation data, in the same forms as --dataset."})
-    eval_split_ratio: float | None = field(default=None, metadata={
-        "help": "Hold out this fraction of the training data for evaluation instead."})
-    dataset_format: str | None = field(default=None, metadata={
-        "help": "messages, prompt_completion, alpaca, sharegpt or text (default: detected)."})
-    column_map: str | None = field(default=None, metadata={
-        "help": "Rename source columns as source=target pairs: 'question=instruction'."
-    })
-    on_bad_example: str = field(default="error", metadata={
-        "help": "error: stop at the first bad example; skip: drop, count and report them."})
-    dataset_num_proc: int | None = field(default=None, metadata={
-        "help": "Processes for data preparation (default: every core for large data)."})
-
-
-@dataclass
-class PluginArguments:
-    """Which registered template, collator and perturber to use (``sft-plugins list``)."""
-
-    template: str | None = field(default=None, metadata={
-        "help": "Chat template name (default: detected from the tokenizer's own template)."})
-    collator: str | None = field(default=None, metadata={
-        "help": "Masking collator (default: completion-only for prompt/completion data, "
-                "assistant-only otherwise)."})
-    perturber: str | None = field(default=None, metadata={
-        "help": "Embedding perturber, e.g. neftune (default: none)."})
-    max_length: int | None = field(default=None, metadata={
-        "help": "Longest example in tokens; the collator's truncation option says what to cut."})
-    logits_chunk_size: int = field(default=1024, metadata={
-        "help": "Positions per lm_head chunk in the trained-positions-only loss."})
 
 
 def config_to_argv(path: str) -> list[str]:

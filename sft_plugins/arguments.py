@@ -1,0 +1,81 @@
+"""The argument groups of ``sft-plugins train`` (beside ``transformers.TrainingArguments``).
+
+Plain dataclasses that ``HfArgumentParser`` turns into flags; kept apart from the code that uses
+them so that building the command line imports neither torch nor transformers' models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelArguments:
+    """What to load and how to adapt it (``sft-plugins train`` flags of the same names)."""
+
+    model_name_or_path: str = field(metadata={"help": "A local model directory or a hub name."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer directory or hub name (default: the model's)."})
+    dtype: str = field(default="auto", metadata={
+        "help": "Weights dtype: auto (from --bf16/--fp16, else float32), bfloat16, float16, "
+                "float32."})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "Attention kernel: sdpa, flash_attention_2, eager (default: transformers')."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow model code from the model's repository."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Module names to adapt (default: every linear layer but the output head, as "
+                "QLoRA recommends: peft's 'all-linear')."})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "Quantize the base model to 4 bits with bitsandbytes (QLoRA)."})
+    load_in_8bit: bool = field(default=False, metadata={
+        "help": "Quantize the base model to 8 bits with bitsandbytes."})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4."})
+    bnb_4bit_use_double_quant: bool = field(default=True, metadata={
+        "help": "Quantize the quantization constants too (QLoRA's double quantization)."})
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from and how bad examples are handled."""
+
+    dataset: list[str] = field(metadata={
+        "help": "Training data: files (.jsonl, .json, .parquet, .csv), globs, directories or a "
+                "datasets name."})
+    eval_dataset: list[str] | None = field(default=None, metadata={
+        "help": "Evaluation data, in the same forms as --dataset."})
+    eval_split_ratio: float | None = field(default=None, metadata={
+        "help": "Hold out this fraction of the training data for evaluation instead."})
+    dataset_format: str | None = field(default=None, metadata={
+        "help": "messages, prompt_completion, alpaca, sharegpt or text (default: detected)."})
+    column_map: str | None = field(default=None, metadata={
+        "help": "Rename source columns as source=target pairs: 'question=instruction'."
+    })
+    on_bad_example: str = field(default="error", metadata={
+        "help": "error: stop at the first bad example; skip: drop, count and report them."})
+    dataset_num_proc: int | None = field(default=None, metadata={
+        "help": "Processes for data preparation (default: every core for large data)."})
+
+
+@dataclass
+class PluginArguments:
+    """Which registered template, collator and perturber to use (``sft-plugins list``)."""
+
+    template: str | None = field(default=None, metadata={
+        "help": "Chat template name (default: detected from the tokenizer's own template)."})
+    collator: str | None = field(default=None, metadata={
+        "help": "Masking collator (default: completion-only for prompt/completion data, "
+                "assistant-only otherwise)."})
+    perturber: str | None = field(default=None, metadata={
+        "help": "Embedding perturber, e.g. neftune (default: none)."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Longest example in tokens; the collator's truncation option says what to cut."})
+    logits_chunk_size: int = field(default=1024, metadata={
+        "help": "Positions per lm_head chunk in the trained-positions-only loss."})
+
+
+__all__ = ["DataArguments", "ModelArguments", "PluginArguments"]
