@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from tokenizers.pre_tokenizers import ByteLevel
 
 from sft_plugins.errors import DataError, MaskingError, PluginOptionError, SFTPluginsError
 
@@ -292,8 +293,11 @@ class ByteLevelSpans:
         if spec.get("normalizer") is not None or decoder.get("type") != "ByteLevel" \
                 or (spec.get("model") or {}).get("type") != "BPE":
             return None
+        alphabet = set(ByteLevel.alphabet())
         lengths = np.zeros(backend.get_vocab_size(with_added_tokens=True), dtype=np.int64)
         for token, token_id in backend.get_vocab(with_added_tokens=False).items():
+            if not alphabet.issuperset(token):
+                return None  # a vocabulary entry that does not spell bytes
             lengths[token_id] = len(token)  # one alphabet character per byte
         for token_id, added in backend.get_added_tokens_decoder().items():
             lengths[token_id] = len(added.content.encode("utf-8"))
