@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from sft_plugins import get_plugin_manager
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
@@ -51,3 +58,57 @@ def test_trainer_prepares_conversations_and_reports(tmp_path):
     assert (tmp_path / "preparation.json").exists()
     embeddings = model.get_input_embeddings()
     assert not embeddings._forward_hooks, "the perturber's hook outlives training"
+
+
+class Boom(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise RuntimeError("out of memory, say")
+
+
+def test_an_exception_during_training_leaves_no_hook_and_the_last_checkpoint(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, report_to=[],
+                             per_device_train_batch_size=2, use_cpu=True,
+                             save_strategy="steps", save_steps=2)
+    trainer = SFTPluginTrainer(model=model, args=args, train_dataset=Dataset.from_list(
+        CONVERSATIONS * 4), processing_class=tokenizer, template="llama-3.1",
+        collator="completion-only", perturber="gaussian", callbacks=[Boom()])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train()
+    assert not model.get_input_embeddings()._forward_hooks
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    restored = LlamaForCausalLM.from_pretrained(tmp_path / "checkpoint-2")
+    assert restored.config.vocab_size == len(tokenizer)
+
+
+class HalfWeight(SFTPluginTrainer):
+    """A subclass that counts every token at half weight in the normaliser."""
+
+    def loss_weight_total(self, batch):
+        return super().loss_weight_total(batch) / 2
+
+
+def test_subclass_overrides_the_normaliser(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    kwargs = {"model": model, "args": args, "processing_class": tokenizer,
+              "template": "llama-3.1", "collator": "completion-only",
+              "train_dataset": Dataset.from_list(CONVERSATIONS)}
+    base, half = SFTPluginTrainer(**kwargs), HalfWeight(**kwargs)
+    batch = base.data_collator([base.train_dataset[i] for i in range(2)])
+    model.train()
+    with torch.no_grad():
+        plain = base.compute_loss(model, dict(batch),
+                                  num_items_in_batch=base.loss_weight_total(batch))
+        halved = half.compute_loss(model, dict(batch),
+                                   num_items_in_batch=half.loss_weight_total(batch))
+    assert halved.item() == pytest.approx(2 * plain.item(), rel=1e-6)
