@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,7 +36,9 @@ SAMPLE = [
 UNTRAINED_RATIO = 0.01
 """An embedding row shorter than this fraction of the median row is taken as untrained."""
 
-_GENERATION_TAGS = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
+FIX_SIMILARITY = 0.9
+"""How alike an unrecognised template must be to a family's for ``--fix`` to assume it."""
+
 
 
 @dataclass(frozen=True)
@@ -94,18 +95,37 @@ def _sample_render(template: ChatTemplate, prompt: bool, answered: bool = False)
         return template.render_text(messages[1:], add_generation_prompt=prompt)
 
 
-def _closest(candidates: list[ChatTemplate], text: str) -> tuple[ChatTemplate, float] | None:
-    """The candidate whose source (markers removed) is most like ``text``, and how alike."""
-    scored = [(template, difflib.SequenceMatcher(
-        None, text, _GENERATION_TAGS.sub("", template.tokenizer_source)).ratio())
-        for template in candidates]
-    return max(scored, key=lambda pair: pair[1]) if scored else None
+def _sample_text(template: ChatTemplate) -> str | None:
+    """The sample rendered as training (answered) and as a prompt, or None if it cannot be."""
+    try:
+        return _sample_render(template, False, answered=True) + _sample_render(template, True)
+    except TemplateError:
+        return None
+
+
+def _closest(candidates: list[ChatTemplate], tokenizer: Any
+             ) -> tuple[ChatTemplate, float, str] | None:
+    """The candidate that renders the sample most like the tokenizer's template does, how
+    alike (0..1) and a diff of the two renderings. Comparing output, not source, ignores
+    markers and restructuring and shows the user what actually changes."""
+    theirs = _sample_text(ChatTemplate.from_tokenizer(tokenizer))
+    if theirs is None:
+        return None
+    best: tuple[ChatTemplate, float, str] | None = None
+    for template in candidates:
+        ours = _sample_text(template)
+        if ours is None:
+            continue
+        ratio = difflib.SequenceMatcher(None, theirs, ours).ratio()
+        if best is None or ratio > best[1]:
+            best = (template, ratio, _diff(theirs, ours, template.name))
+    return best
 
 
 def _diff(theirs: str, ours: str, name: str, limit: int = 60) -> str:
     lines = list(difflib.unified_diff(ours.splitlines(), theirs.splitlines(),
-                                      fromfile=f"{name} (sft-plugins, markers removed)",
-                                      tofile="this directory", lineterm=""))
+                                      fromfile=f"{name} renders", tofile="this template renders",
+                                      lineterm=""))
     if len(lines) > limit:
         lines = [*lines[:limit], f"... ({len(lines) - limit} more diff lines)"]
     return "\n".join(lines)
@@ -132,21 +152,18 @@ def check_template(report: Report, tokenizer: Any, manager: PluginManager,
                     "known-bug", f"{version.label}: {bug}",
                     f"run doctor --fix OUT to install sft-plugins' {family.name} template"))
             return family
-    closest = _closest(manager, [family] if family else [e.item for e in manager.templates],
-                       text)
+    closest = _closest([family] if family else [e.item for e in manager.templates], tokenizer)
     if closest is not None and (family is not None or closest[1] >= 0.5):
-        guess, ratio = closest
+        guess, ratio, diff = closest
         report.family = guess.name
-        ours = _GENERATION_TAGS.sub("", guess.tokenizer_source)
         report.findings.append(Finding(
             "modified-template",
-            f"the chat template is not a published {guess.name} version "
-            f"({ratio:.0%} similar): the model may be trained on a format it was not "
+            f"the chat template is not a published {guess.name} version (it renders a sample "
+            f"conversation {ratio:.0%} alike): the model may be trained on a format it was not "
             "instruction-tuned with",
-            f"check the diff; run doctor --fix OUT --template {guess.name} to use the "
-            "family's template, or keep yours knowingly",
-            _diff(text, ours, guess.name)))
-        return family
+            f"check the diff of the renderings; run doctor --fix OUT --template {guess.name} to "
+            "use the family's template, or keep yours knowingly", diff))
+        return family or (guess if ratio >= FIX_SIMILARITY else None)
     report.findings.append(Finding(
         "unrecognised-template", "no registered template recognises this chat template",
         "it still works as is (spans come from rendering prefixes); name a family with "
