@@ -119,6 +119,18 @@ class PluginManager:
         name = self.pm.hook.select_chat_template(tokenizer=tokenizer, chat_template=text)
         return None if name is None else self.templates.get(name)
 
+    def resolve_template(self, name: str | None, tokenizer: Any = None) -> ChatTemplate | None:
+        """The template to train or render with: the one named, else the one a plugin
+        recognises in ``tokenizer``, else the tokenizer's own template taken as is (spans by
+        prefix diffing), else ``None`` (the tokenizer has no template: plain text only)."""
+        if name:
+            return self.templates.get(name)
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            return None
+        from sft_plugins.templates import ChatTemplate
+
+        return self.select_chat_template(tokenizer) or ChatTemplate.from_tokenizer(tokenizer)
+
 
 
 

@@ -171,18 +171,9 @@ class SFTPluginTrainer(Trainer):
     def _resolve_template(self, template: str | ChatTemplate | None,
                           options: Mapping[str, Any] | None,
                           tokenizer: Any) -> ChatTemplate | None:
-        """The named template, else what a plugin recognises in the tokenizer, else the
-        tokenizer's own template as is, else none (plain-text data needs none)."""
-        if isinstance(template, str):
-            resolved = self.plugin_manager.templates.get(template)
-        elif template is not None:
-            resolved = template
-        elif tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            resolved = (self.plugin_manager.select_chat_template(tokenizer)
-                        or ChatTemplate.from_tokenizer(tokenizer))
-        else:
-            return None
-        return with_variables(resolved, options) if options else resolved
+        resolved = (template if isinstance(template, ChatTemplate)
+                    else self.plugin_manager.resolve_template(template, tokenizer))
+        return with_variables(resolved, options) if options and resolved else resolved
 
     # ---- extension points -------------------------------------------------------------------
 

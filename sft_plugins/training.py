@@ -16,7 +16,7 @@ from rich.table import Table
 
 from sft_plugins.arguments import DataArguments, ModelArguments, PluginArguments
 from sft_plugins.commands.train import ConfigError, typed_options
-from sft_plugins.data import load_sft_dataset
+from sft_plugins.data import load_sft_dataset, parse_column_map
 from sft_plugins.errors import TemplateError
 from sft_plugins.manager import PluginManager, get_plugin_manager
 from sft_plugins.modeling import load_model, load_tokenizer
@@ -24,26 +24,6 @@ from sft_plugins.templates import ChatTemplate
 from sft_plugins.trainer import SFTPluginTrainer, with_variables
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_template(manager: PluginManager, name: str | None, tokenizer: Any
-                     ) -> ChatTemplate | None:
-    """The named template, else the one a plugin recognises, else the tokenizer's own."""
-    if name:
-        return manager.templates.get(name)
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    return manager.select_chat_template(tokenizer) or ChatTemplate.from_tokenizer(tokenizer)
-
-
-def _column_map(text: str | None) -> dict[str, str]:
-    if not text:
-        return {}
-    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
-    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
-        raise ConfigError(f"--column_map {text!r}: expected source=target pairs separated by "
-                          "commas")
-    return {a.strip(): b.strip() for a, b in pairs}
 
 
 def _check_template_tokens(template: ChatTemplate, tokenizer: Any) -> None:
@@ -66,7 +46,7 @@ def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
     console = Console(stderr=True)
     manager = manager or get_plugin_manager()
     tokenizer = load_tokenizer(model_args)
-    template = resolve_template(manager, plugin_args.template, tokenizer)
+    template = manager.resolve_template(plugin_args.template, tokenizer)
     if template is not None:
         if options["template"]:  # template variables: YAML scalars (true, 5, 26 Jul 2024)
             template = with_variables(template, {k: yaml.safe_load(v)
@@ -77,7 +57,7 @@ def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
 
     data = load_sft_dataset(
         data_args.dataset, format=data_args.dataset_format,
-        column_map=_column_map(data_args.column_map), template=template,
+        column_map=parse_column_map(data_args.column_map), template=template,
         on_bad_example=data_args.on_bad_example,  # type: ignore[arg-type]
         eval_dataset=data_args.eval_dataset, eval_split_ratio=data_args.eval_split_ratio,
         seed=training_args.seed, num_proc=data_args.dataset_num_proc,
@@ -136,4 +116,4 @@ def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
     return trainer
 
 
-__all__ = ["resolve_template", "train_from_arguments"]
+__all__ = ["train_from_arguments"]

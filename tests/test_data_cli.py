@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from sft_plugins.cli import main
-from sft_plugins.commands.check_data import parse_column_map
+from sft_plugins.data import parse_column_map
 from sft_plugins.errors import DataError
 
 GOOD = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}

@@ -25,6 +25,15 @@ CONVERSATIONS = [
 ]
 
 
+def tiny_model_and_tokenizer() -> tuple:
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
+    return tokenizer, model
+
+
 def test_preparation_ignores_padding_left_on_the_tokenizer_by_a_batched_call():
     """A `tokenizer(texts, padding=True)` call switches padding on in the shared backend; the
     prepared rows must still be the unpadded examples."""
@@ -42,11 +51,7 @@ def test_preparation_ignores_padding_left_on_the_tokenizer_by_a_batched_call():
 
 
 def test_trainer_prepares_conversations_and_reports(tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
+    tokenizer, model = tiny_model_and_tokenizer()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[],
                              per_device_train_batch_size=2, use_cpu=True, save_strategy="no")
     trainer = SFTPluginTrainer(model=model, args=args, train_dataset=Dataset.from_list(
@@ -67,11 +72,7 @@ class Boom(TrainerCallback):
 
 
 def test_an_exception_during_training_leaves_no_hook_and_the_last_checkpoint(tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
+    tokenizer, model = tiny_model_and_tokenizer()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=5, report_to=[],
                              per_device_train_batch_size=2, use_cpu=True,
                              save_strategy="steps", save_steps=2)
@@ -94,11 +95,7 @@ class HalfWeight(SFTPluginTrainer):
 
 
 def test_subclass_overrides_the_normaliser(tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
+    tokenizer, model = tiny_model_and_tokenizer()
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     kwargs = {"model": model, "args": args, "processing_class": tokenizer,
               "template": "llama-3.1", "collator": "completion-only",

@@ -225,3 +225,19 @@ def test_testing_manager_ignores_installed_and_disabled_plugins(install, monkeyp
 def test_each_call_builds_a_fresh_manager():
     assert get_plugin_manager(load_entry_points=False) is not get_plugin_manager(
         load_entry_points=False)
+
+
+def test_resolve_template_named_detected_own_or_none():
+    from transformers import AutoTokenizer
+
+    from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+
+    manager = get_plugin_manager(load_entry_points=False)
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    assert manager.resolve_template(None, tokenizer) is None  # no template: plain text only
+    assert manager.resolve_template("llama-3.3", tokenizer).name == "llama-3.1"
+    manager.templates.get("llama-3.1").configure_tokenizer(tokenizer)
+    assert manager.resolve_template(None, tokenizer).name == "llama-3.1"
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    own = manager.resolve_template(None, tokenizer)
+    assert own.render([{"role": "user", "content": "hi"}]).text == "hi\n"

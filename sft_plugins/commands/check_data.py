@@ -18,20 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sft_plugins.data import DataSummary, load_sft_dataset
-from sft_plugins.errors import DataError
+from sft_plugins.data import DataSummary, load_sft_dataset, parse_column_map
 from sft_plugins.manager import get_plugin_manager
-
-
-def parse_column_map(text: str | None) -> dict[str, str]:
-    """``"question=prompt,answer=completion"`` as ``{"question": "prompt", ...}``."""
-    if not text:
-        return {}
-    pairs = [pair.split("=", 1) for pair in text.split(",") if pair.strip()]
-    if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
-        raise DataError(f"--column_map {text!r}: expected source=target pairs separated by "
-                        "commas, e.g. question=prompt,answer=completion")
-    return {source.strip(): target.strip() for source, target in pairs}
 
 
 @click.command("check-data")

@@ -8,7 +8,7 @@ collator take, having checked every example; :func:`messages_from_row` and
 
 from __future__ import annotations
 
-from sft_plugins.data.formats import FORMAT_COLUMNS, KNOWN_ROLES
+from sft_plugins.data.formats import FORMAT_COLUMNS, KNOWN_ROLES, parse_column_map
 from sft_plugins.data.prepare import SFTData, ValidatingTemplate, load_sft_dataset
 from sft_plugins.data.schema import (
     CONVERSATION_FEATURES,
@@ -32,5 +32,6 @@ __all__ = [
     "load_sft_dataset",
     "location_of",
     "messages_from_row",
+    "parse_column_map",
     "tools_from_row",
 ]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sft_plugins.data.schema import Kind
+from sft_plugins.errors import DataError
 
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 """Roles any template might accept; a template's own ``validate`` narrows them further."""
@@ -346,3 +347,14 @@ def check_conversation(format_name: str, messages: list[dict[str, str | None]],
         raise BadExample("no_assistant_content", where,
                          "no assistant turn with non-empty content or tool calls",
                          "at least one assistant turn to train on")
+
+
+def parse_column_map(text: str | None) -> dict[str, str]:
+    """``"question=prompt,answer=completion"`` as ``{"question": "prompt", ...}``."""
+    if not text:
+        return {}
+    pairs = [pair.split("=", 1) for pair in text.split(",") if pair.strip()]
+    if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+        raise DataError(f"--column_map {text!r}: expected source=target pairs separated by "
+                        "commas, e.g. question=prompt,answer=completion")
+    return {source.strip(): target.strip() for source, target in pairs}
