@@ -62,8 +62,10 @@ def list_command(as_json: bool) -> None:
     console = Console()
     for kind in ("templates", "collators", "perturbers"):
         table = Table(title=kind.capitalize(), title_justify="left")
-        for column in ("name", "aliases", "plugin", "description"):
-            table.add_column(column)
+        table.add_column("name", no_wrap=True, style="bold")
+        table.add_column("aliases")
+        table.add_column("plugin", overflow="fold")
+        table.add_column("description", ratio=1)
         for row in listing[kind]:
             table.add_row(str(row["name"]), ", ".join(row["aliases"]),  # type: ignore[arg-type]
                           str(row["plugin"]), str(row["description"]))
