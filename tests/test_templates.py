@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from sft_plugins import hookimpl
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 from sft_plugins.errors import ConversationError, TemplateError
 from sft_plugins.templates import ChatTemplate, strip_message_markers
@@ -273,3 +274,36 @@ def test_llama_3_1_trained_spans_are_exactly_trimmed_content_plus_eot(
     for span in rendered.messages:
         if span.trained:
             assert rendered.text[span.start:span.trained[0]] == header
+
+
+class _MyChatPlugin:
+    """A third-party template plugin, as in docs/templates.md."""
+
+    template = ChatTemplate(
+        name="my-chat",
+        source=(
+            "{% for m in messages %}{% message m %}<|{{ m.role }}|>"
+            "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|end|>"
+            "{% endgeneration %}{% else %}{{ m.content }}<|end|>{% endif %}{% endfor %}"
+            "{% endmessages %}{% if add_generation_prompt %}<|assistant|>{% endif %}"),
+        eos_token="<|end|>", end_of_turn="<|end|>", pad_token="<|pad|>")
+
+    @hookimpl
+    def register_chat_templates(self, register: Any) -> None:
+        register(self.template)
+
+    @hookimpl
+    def select_chat_template(self, tokenizer: Any, chat_template: str | None) -> str | None:
+        return "my-chat" if chat_template and "<|{{ m.role }}|>" in chat_template else None
+
+
+def test_a_third_party_template_plugin_registers_and_is_selected_first(tokenizer: Any) -> None:
+    manager = plugin_manager(_MyChatPlugin(), with_first_party=True)
+    template = manager.templates.get("my-chat")
+    rendered = template.render(CHAT[1:3], add_generation_prompt=False)
+    assert rendered.text == "<|user|>Hi there<|end|><|assistant|>  Hello!\n<|end|>"
+    (start, end), = rendered.trained_spans
+    assert rendered.text[start:end] == "  Hello!\n<|end|>"
+    assert [(m.start, m.end) for m in rendered.messages] == [(0, 23), (23, len(rendered.text))]
+    tokenizer.chat_template = template.tokenizer_source
+    assert manager.select_chat_template(tokenizer).name == "my-chat"
