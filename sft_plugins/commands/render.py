@@ -88,13 +88,13 @@ def tokenize(tokenizer: Any, template: ChatTemplate, rendered: RenderedConversat
 
 def resolve_template(name: str | None, tokenizer: Any) -> ChatTemplate:
     """The named template, else the one detected for ``tokenizer``, else the tokenizer's own."""
-    manager = get_plugin_manager()
-    if name:
-        return manager.templates.get(name)
-    if tokenizer is None:
-        raise TemplateError("name a template with --template NAME (sft-plugins list shows "
-                            "them) or give --tokenizer DIR to detect it")
-    return manager.select_chat_template(tokenizer) or ChatTemplate.from_tokenizer(tokenizer)
+    template = get_plugin_manager().resolve_template(name, tokenizer)
+    if template is None:
+        where = "" if tokenizer is None else \
+            f" (the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template)"
+        raise TemplateError(f"name a template with --template NAME (sft-plugins list shows "
+                            f"them) or give --tokenizer DIR to detect it{where}")
+    return template
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:

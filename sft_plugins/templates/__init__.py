@@ -111,6 +111,10 @@ class ChatTemplate:
     tool_calls: bool = False
     checks: tuple[Check, ...] = ()
 
+    def __hash__(self) -> int:
+        """Templates are values (frozen); ``variables`` is a mapping, so hash what names one."""
+        return hash((self.name, self.source))
+
     # ----------------------------------------------------------------- building
 
     @classmethod

@@ -50,7 +50,7 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 class Recording:
     """Positions collected during one render: output so far, message starts, generation spans."""
 
-    chat: list[Any] = field(default_factory=list)
+    positions: dict[int, int] = field(default_factory=dict)  # id(message) -> its index
     blocks: list[str] = field(default_factory=list)
     length: int = 0
     starts: list[tuple[int, int]] = field(default_factory=list)  # (message index, position)
@@ -96,7 +96,7 @@ class SpanMarkers(jinja2.ext.Extension):
     def _message_start(self, message: Any) -> str:
         recording = _RECORDING.get()
         if recording is not None and message is not None:
-            index = next((i for i, m in enumerate(recording.chat) if m is message), None)
+            index = recording.positions.get(id(message))
             if index is None:
                 raise jinja2.exceptions.TemplateRuntimeError(
                     "{% message m %} needs one of the input message objects")
@@ -177,7 +177,7 @@ def compile_template(source: str) -> jinja2.Template:
 
 @contextmanager
 def _recording(chat: list[Any]) -> Iterator[Recording]:
-    recording = Recording(chat=chat)
+    recording = Recording(positions={id(m): i for i, m in enumerate(chat)})
     token = _RECORDING.set(recording)
     try:
         yield recording
