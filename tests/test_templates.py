@@ -55,6 +55,10 @@ def tokenizer() -> Any:
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
         {"function": {"name": "f", "arguments": {}}}, {"function": {"name": "g", "arguments": {}}},
     ]}], 1, "one-tool-call"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "I will call f",
+                                          "tool_calls": [{"function": {"name": "f",
+                                                                       "arguments": {}}}]}],
+     1, "tool-call-content"),
 ])
 def test_bad_conversations_name_the_message_and_rule(llama: ChatTemplate, messages: Any,
                                                      index: int, rule: str) -> None:
@@ -63,6 +67,15 @@ def test_bad_conversations_name_the_message_and_rule(llama: ChatTemplate, messag
     assert caught.value.message_index == index
     assert caught.value.rule == rule
     assert f"message {index}" in str(caught.value)
+
+
+def test_llama_tools_go_into_a_first_user_message(llama: ChatTemplate) -> None:
+    with pytest.raises(ConversationError, match="message 1: with tools") as caught:
+        llama.render([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+                     tools=[{"name": "f"}])
+    assert caught.value.rule == "tools-need-user-message"
+    with pytest.raises(TemplateError, match="Cannot put tools in the first user message"):
+        llama.render([{"role": "system", "content": "s"}], tools=[{"name": "f"}])
 
 
 def test_families_refuse_what_they_cannot_express(manager: Any) -> None:

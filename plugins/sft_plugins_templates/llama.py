@@ -35,12 +35,24 @@ FIXES = (
 )
 
 
-def _one_tool_call(messages: Sequence[Mapping[str, Any]], tools: Any) -> None:
-    """Llama 3.x calls one tool per assistant turn, with an object of arguments."""
+def _tool_rules(messages: Sequence[Mapping[str, Any]], tools: Any) -> None:
+    """Llama 3.x calls one tool per assistant turn, with an object of arguments, and renders no
+    content beside it; with tools, the first message after the system prompt is the user's
+    (the template folds the tool list into it)."""
+    first = 1 if messages[0].get("role") == "system" else 0
+    if tools is not None and first < len(messages) and messages[first].get("role") != "user":
+        raise ConversationError(f"llama: message {first}: with tools the conversation must "
+                                "start with a user message (the tool list goes into it)",
+                                message_index=first, rule="tools-need-user-message")
     for index, message in enumerate(messages):
         calls = message.get("tool_calls")
         if calls is None:
             continue
+        if message.get("content"):
+            raise ConversationError(f"llama: message {index}: the template drops the content "
+                                    "of an assistant message with tool calls; move the text to "
+                                    "its own assistant message or leave content empty",
+                                    message_index=index, rule="tool-call-content")
         if len(calls) != 1:
             raise ConversationError(f"llama: message {index}: this model only supports one tool "
                                     f"call per assistant message, got {len(calls)}",
@@ -72,7 +84,7 @@ LLAMA_3_1 = ChatTemplate(
     ),
     fixes=FIXES,
     roles=("system", "user", "assistant", "tool", "ipython"),
-    tools=True, tool_calls=True, checks=(_one_tool_call,),
+    tools=True, tool_calls=True, checks=(_tool_rules,),
     **_COMMON,
 )
 
@@ -88,7 +100,7 @@ LLAMA_3_2 = ChatTemplate(
         "Llama 3.2 Instruct, official template"),),
     fixes=FIXES[1:],
     roles=("system", "user", "assistant", "tool", "ipython"),
-    tools=True, tool_calls=True, checks=(_one_tool_call,),
+    tools=True, tool_calls=True, checks=(_tool_rules,),
     **_COMMON,
 )
 
