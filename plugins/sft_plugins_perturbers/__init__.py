@@ -80,7 +80,9 @@ class SymNoise(Perturber):
 
     def unit_noise(self, shape: torch.Size, generator: torch.Generator,
                    device: torch.device) -> torch.Tensor:
-        coin = torch.empty(shape, device=device).bernoulli_(0.5, generator=generator)
+        # randint, not bernoulli_: the same law, about three times faster on CPU
+        coin = torch.randint(0, 2, shape, generator=generator, device=device,
+                             dtype=torch.float32)
         return coin.mul_(2.0).sub_(1.0)
 
 
