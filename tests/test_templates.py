@@ -250,6 +250,15 @@ def test_detection_by_fingerprint(manager: Any, tokenizer: Any, filename: str,
     assert manager.select_chat_template(tokenizer).name == family
 
 
+@needs_reference
+def test_detecting_the_day_one_template_warns_about_its_bug(
+        manager: Any, tokenizer: Any, caplog: pytest.LogCaptureFixture) -> None:
+    tokenizer.chat_template = (REFERENCE / "llama3_1_day_one.jinja").read_text()
+    with caplog.at_level("WARNING"):
+        assert manager.select_chat_template(tokenizer).name == "llama-3.1"
+    assert "day-one" in caplog.text and "add_generation_prompt=False" in caplog.text
+
+
 def test_detection_knows_our_own_installed_sources(manager: Any, tokenizer: Any) -> None:
     for entry in manager.templates:
         tokenizer.chat_template = entry.item.tokenizer_source

@@ -6,12 +6,15 @@ tokenizer's template by the fingerprints of the official texts (and of our own s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from sft_plugins import hookimpl
 from sft_plugins.templates import ChatTemplate
 from sft_plugins_templates import chatml, deepseek, gemma, llama, phi, qwen
+
+logger = logging.getLogger(__name__)
 
 TEMPLATES: tuple[ChatTemplate, ...] = (
     *llama.TEMPLATES, *qwen.TEMPLATES, *gemma.TEMPLATES, *phi.TEMPLATES, *deepseek.TEMPLATES,
@@ -27,5 +30,15 @@ def register_chat_templates(register: Callable[[ChatTemplate], None]) -> None:
 
 @hookimpl
 def select_chat_template(tokenizer: Any, chat_template: str | None) -> str | None:
-    """The first-party template whose fingerprints include ``chat_template``'s text."""
-    return next((t.name for t in TEMPLATES if t.recognise(chat_template)), None)
+    """The first-party template whose fingerprints include ``chat_template``'s text; a
+    version with known bugs is reported (once per call) since the fixed template replaces it."""
+    for template in TEMPLATES:
+        version = template.recognise(chat_template)
+        if version is None:
+            continue
+        for bug in version.bugs:
+            logger.warning("the tokenizer carries the %s: %s. Using sft-plugins' %s template, "
+                           "which fixes it (sft-plugins doctor explains)", version.label, bug,
+                           template.name)
+        return template.name
+    return None
