@@ -290,6 +290,7 @@ class PerturberHandle:
         self.step = 0
         self._calls = 0
         self._batch: Mapping[str, Any] | None = None
+        self._labels: torch.Tensor | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._handles: list[RemovableHandle] = [
             model.register_forward_pre_hook(self._capture, with_kwargs=True),
@@ -307,11 +308,18 @@ class PerturberHandle:
         self.step = int(step)
         self._calls = 0
 
+    def set_labels(self, labels: torch.Tensor | None) -> None:
+        """Labels of the batch about to run, for a training loop that keeps ``labels`` out of the
+        model call (it computes the loss itself). Used by ``noise_prompt=False`` when the call
+        has no ``labels`` argument; forgotten after the next forward."""
+        self._labels = labels
+
     def remove(self) -> None:
         """Detach every hook (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
         self._batch = None
+        self._labels = None
 
     def __enter__(self) -> PerturberHandle:
         return self
@@ -326,6 +334,7 @@ class PerturberHandle:
 
     def _release(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self._batch = None
+        self._labels = None
 
     def _generator(self, device: torch.device) -> torch.Generator:
         generator = self._generators.get(device)
@@ -345,7 +354,9 @@ class PerturberHandle:
         return self.perturber.perturb(output, batch)
 
     def _describe(self, output: torch.Tensor, alpha: float) -> BatchInfo:
-        inputs = self._batch or {}
+        inputs = dict(self._batch or {})
+        if inputs.get("labels") is None:
+            inputs["labels"] = self._labels
         shape = (output.size(0), output.size(1))
         name = self.perturber.name
         for key in _BATCH_KEYS:
@@ -364,8 +375,8 @@ class PerturberHandle:
             if labels is None:
                 raise PerturberError(
                     f"perturber {name!r}: option noise_prompt=False needs labels in the batch "
-                    f"(prompt tokens are those labelled {IGNORE_INDEX}); pass labels or set "
-                    f"noise_prompt=True"
+                    f"(prompt tokens are those labelled {IGNORE_INDEX}); pass labels to the "
+                    f"model, call handle.set_labels(labels) before it, or set noise_prompt=True"
                 )
             prompt_mask = labels == IGNORE_INDEX
         return batch_info(shape, output.device, step=self.step, alpha=alpha,

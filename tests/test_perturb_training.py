@@ -127,6 +127,21 @@ def test_the_hook_reads_real_lengths_pads_and_prompt_from_the_model_inputs():
     assert (noise[:, 3:][real[:, 3:]] != 0).any()
 
 
+def test_labels_kept_out_of_the_model_call_can_be_handed_to_the_handle():
+    model, inputs = tiny_llama(), batch()
+    model.train()
+    labels = inputs.pop("labels")
+    labels[:, :3] = -100
+    clean = embedding_outputs(model, inputs)
+    with PERTURBERS.create("neftune", noise_prompt=False).install(model) as handle:
+        handle.set_labels(labels)
+        noisy = embedding_outputs(model, inputs)
+        with pytest.raises(PerturberError, match=r"set_labels"):  # forgotten after a forward
+            model(**inputs)
+    assert torch.equal(noisy[:, :3], clean[:, :3])
+    assert not torch.equal(noisy[:, 3:], clean[:, 3:])
+
+
 def test_packed_rows_take_segments_from_position_ids():
     model = tiny_llama()
     model.train()
