@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -193,15 +194,22 @@ def test_gradients_reach_the_embeddings_through_the_noise():
     assert not torch.equal(grad, clean_grad), "the gradient is taken at the noised point"
 
 
-def test_lora_with_gradient_checkpointing_and_input_require_grads():
+@pytest.mark.parametrize("perturber_first", [False, True])
+def test_lora_with_gradient_checkpointing_and_input_require_grads(perturber_first):
     model, inputs = tiny_llama(), batch()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    model.enable_input_require_grads()
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                   lora_dropout=0.0))
     peft_model.train()
-    clean_loss = peft_model(**inputs).loss.item()
-    with PERTURBERS.create("gaussian", alpha=5.0).install(peft_model):
+    with torch.no_grad():
+        clean_loss = peft_model(**inputs).loss.item()
+    perturber = PERTURBERS.create("gaussian", alpha=5.0)
+    with ExitStack() as stack:  # the two embedding hooks, in either order
+        if perturber_first:
+            stack.enter_context(perturber.install(peft_model))
+        model.enable_input_require_grads()
+        if not perturber_first:
+            stack.enter_context(perturber.install(peft_model))
         loss = peft_model(**inputs).loss
         loss.backward()
     assert loss.item() != clean_loss
