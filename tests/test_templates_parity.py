@@ -257,3 +257,30 @@ def test_fingerprints_match_the_official_texts(templates: dict[str, ChatTemplate
     day_one = templates["llama-3.1"].recognise(
         (REFERENCE / "llama3_1_day_one.jinja").read_text())
     assert day_one is not None and day_one.bugs
+
+
+DIFFABLE = ["llama-3", "llama-3.1", "llama-3.2", "qwen2.5", "gemma-3", "deepseek-v3", "chatml"]
+"""Families whose official template renders every prefix of a tool-free conversation as a
+prefix of the whole (phi-3.5 closes with <|endoftext|>, qwen3 drops earlier reasoning)."""
+
+
+@pytest.mark.parametrize("family", DIFFABLE)
+def test_prefix_diffing_finds_the_same_trained_spans_as_markers(
+        family: str, tokenizer: Any, templates: dict[str, ChatTemplate]) -> None:
+    """The official text taken as an unknown template (no markers) gets the trained spans our
+    marked source records: prefix diffing is right wherever it applies."""
+    ours = templates[family]
+    tokenizer.chat_template = official_source(family)
+    unknown = ChatTemplate.from_tokenizer(tokenizer).with_options(
+        bos_token=ours.bos_token, eos_token=ours.eos_token, end_of_turn=ours.end_of_turn,
+        variables={"date_string": "26 Jul 2024"})
+
+    @settings(PARITY, max_examples=50)
+    @given(conversation())
+    def run(messages: list[dict[str, Any]]) -> None:
+        expected = ours.render(messages, date_string="26 Jul 2024")
+        found = unknown.render(messages)
+        assert found.text == expected.text
+        assert found.trained_spans == expected.trained_spans
+
+    run()

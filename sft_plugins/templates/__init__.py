@@ -296,10 +296,8 @@ class ChatTemplate:
                     "spans cannot be found by diffing (the template rewrites earlier text, or "
                     "adds a generation prompt regardless of add_generation_prompt). Use a "
                     "registered template for this family (sft-plugins list)")
-            if chat[k - 1]["role"] == "assistant":
-                prompted = self._render_prefix(chat, k - 1, variables, True)
-                if k > 1 and prefix.startswith(prompted) and len(prompted) >= bounds[-1]:
-                    headers[k - 1] = len(prompted)
+            if chat[k - 1]["role"] == "assistant" and k > 1:
+                headers[k - 1] = self._header_end(chat, k, variables, prefix, bounds[-1])
             bounds.append(len(prefix))
         generations = iter(recording.generations)
         spans = []
@@ -307,10 +305,29 @@ class ChatTemplate:
             start, end = bounds[i], bounds[i + 1]
             trained = None
             if message["role"] == "assistant":
+                header = headers.get(i, start)
                 trained = next(generations, None) if recording.generations else \
-                    (headers.get(i, start), self._turn_end(full, headers.get(i, start), end))
+                    (header, self._turn_end(full, header, end))
             spans.append(MessageSpan(i, message["role"], start, end, trained))
         return tuple(spans)
+
+    def _header_end(self, chat: list[dict[str, Any]], k: int, variables: dict[str, Any],
+                    prefix: str, start: int) -> int:
+        """Where assistant message ``k - 1``'s header ends: what the generation prompt adds
+        after the previous messages. Some prompts add more than the header (DeepSeek-V3's
+        ``<think>``); then the header is the part the message's own text agrees with, cut back
+        to the last ``>`` or newline so that it never ends inside a special token."""
+        prompted = self._render_prefix(chat, k - 1, variables, True)
+        if not prompted.startswith(prefix[:start]):
+            return start
+        if prefix.startswith(prompted):
+            return len(prompted)
+        agreed = start
+        while agreed < min(len(prompted), len(prefix)) and prompted[agreed] == prefix[agreed]:
+            agreed += 1
+        while agreed > start and prefix[agreed - 1] not in ">\n":
+            agreed -= 1
+        return agreed
 
     def _render_prefix(self, chat: list[dict[str, Any]], k: int, variables: dict[str, Any],
                        prompt: bool) -> str:
