@@ -48,6 +48,7 @@ from sft_plugins.loss import (
 )
 from sft_plugins.manager import PluginManager, get_plugin_manager
 from sft_plugins.masking import MaskingCollator, PreparationReport
+from sft_plugins.packing import PackedCollator, pack_prepared
 from sft_plugins.perturb import Perturber
 from sft_plugins.templates import ChatTemplate
 
@@ -105,6 +106,8 @@ class SFTPluginTrainer(Trainer):
         dataset_num_proc: int | None = None,
         logits_chunk_size: int = 1024,
         full_logits: bool = False,
+        packing: bool = False,
+        packing_max_length: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.plugin_manager = plugin_manager or get_plugin_manager()
@@ -126,6 +129,9 @@ class SFTPluginTrainer(Trainer):
         self.preparation: dict[str, PreparationReport] = {}
         if train_dataset is not None:
             train_dataset = self.prepare_dataset(train_dataset, "train")
+            if packing:  # best-fit rows, see sft_plugins.packing
+                train_dataset = pack_prepared(train_dataset,
+                                              packing_max_length or self.collator.max_length)
         if isinstance(eval_dataset, Dataset):
             eval_dataset = self.prepare_dataset(eval_dataset, "eval")
         elif isinstance(eval_dataset, Mapping):
@@ -134,7 +140,8 @@ class SFTPluginTrainer(Trainer):
         if data_collator is None:
             if self.collator.pad_token_id is None and processing_class is not None:
                 self.collator.bind(processing_class, self.chat_template)
-            data_collator = self.collator
+            data_collator = (PackedCollator(self.collator.pad_token_id) if packing
+                             else self.collator)
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          data_collator=data_collator, **kwargs)
