@@ -1,6 +1,6 @@
 """Training-step time with and without each embedding perturber, on one model and one batch set.
 
-    python -m benchmarks.perturbers                 # CPU defaults, about a minute on 2 cores
+    python -m benchmarks.perturbers                 # CPU defaults: a few minutes on 2 cores
     python -m benchmarks.perturbers --device cuda --hidden 1024 --layers 8 --seq 1024
 
 A step is forward, backward and an AdamW update of a small random-init Llama on right-padded
