@@ -274,6 +274,9 @@ class SFTPluginTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         loss_weights = inputs.pop(WEIGHTS_KEY, None)
+        handle = self._perturber_callback.handle if self._perturber_callback else None
+        if handle is not None:  # labels never reach the model: tell the perturber which
+            handle.set_labels(labels)  # tokens are prompt (for noise_prompt=False)
         token_loss, outputs = self.compute_token_loss(model, inputs, labels, loss_weights)
         if model.training and num_items_in_batch is not None:
             denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32,

@@ -109,3 +109,37 @@ def test_subclass_overrides_the_normaliser(tmp_path):
         halved = half.compute_loss(model, dict(batch),
                                    num_items_in_batch=half.loss_weight_total(batch))
     assert halved.item() == pytest.approx(2 * plain.item(), rel=1e-6)
+
+
+class EmbeddingRecorder(TrainerCallback):
+    """Records the clean embeddings and what the embedding module emits (after any
+    perturber) during training."""
+
+    def __init__(self):
+        self.outputs, self.hook = [], None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.hook is None:
+            self.hook = model.get_input_embeddings().register_forward_hook(
+                lambda module, inputs, output: self.outputs.append(
+                    (module.weight[inputs[0]].detach(), output.detach())))
+
+
+def test_noise_spares_the_prompt_when_asked(tmp_path):
+    tokenizer, model = tiny_model_and_tokenizer()
+    recorder = EmbeddingRecorder()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[],
+                             per_device_train_batch_size=2, use_cpu=True, save_strategy="no")
+    trainer = SFTPluginTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(CONVERSATIONS),
+        processing_class=tokenizer, template="llama-3.1", collator="completion-only",
+        perturber="neftune", perturber_options={"alpha": 50.0, "noise_prompt": False},
+        callbacks=[recorder])
+    trainer.train()
+    recorder.hook.remove()
+    [(clean, noisy)] = recorder.outputs
+    changed = (noisy - clean).abs().sum(-1) > 0
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    trained = batch["labels"] != -100
+    assert changed.any()
+    assert not (changed & ~trained[:, : changed.shape[1]]).any()
