@@ -137,3 +137,27 @@ def test_help_lists_training_arguments():
     assert result.exit_code == 0
     for flag in ("--model_name_or_path", "--learning_rate", "--perturber", "--dataset"):
         assert flag in result.output
+
+
+def test_one_bad_line_among_ten_thousand(model_dir, tmp_path):
+    """error: stops before training naming the line; skip: trains on the 10 000, reports 1."""
+    data = tmp_path / "big.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "Sort the letters: b a"},
+                                    {"role": "assistant", "content": "a b"}]})
+    bad = json.dumps({"messages": [{"role": "user", "content": "Sort the letters: b a"}]})
+    data.write_text("\n".join([good] * 5000 + [bad] + [good] * 5000) + "\n")
+
+    stopped = CliRunner().invoke(main, base_args(model_dir, data, tmp_path / "err",
+                                                 "--max_steps", "1"))
+    assert stopped.exit_code == 2
+    assert "big.jsonl:5001" in stopped.output
+    assert not (tmp_path / "err" / "model.safetensors").exists()
+
+    out = tmp_path / "skip"
+    skipped = invoke(base_args(model_dir, data, out, "--max_steps", "1",
+                               "--on_bad_example", "skip"))
+    assert skipped.exit_code == 0, skipped.output[-2000:]
+    assert json.loads((out / "preparation.json").read_text())["train"]["kept"] == 10_000
+    summary = json.loads((out / "data_summary.json").read_text())
+    assert json.dumps(summary).count("5001") >= 1
+    assert (out / "model.safetensors").exists()
