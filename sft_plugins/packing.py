@@ -140,7 +140,7 @@ def pack_dataset(dataset: Dataset, max_length: int) -> tuple[Dataset, PackingRep
     bins = best_fit_decreasing(lengths.tolist(), max_length)
     order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths))
     ordered_lengths = lengths[order].astype(np.int64)
-    example_starts = np.concatenate([[0], np.cumsum(ordered_lengths)[:-1]]).astype(np.int64)
+    example_starts = np.cumsum(ordered_lengths) - ordered_lengths
     total = int(ordered_lengths.sum())
     row_offsets = np.concatenate(
         [[0], np.cumsum([int(lengths[b].sum()) for b in bins])]).astype(np.int32)
