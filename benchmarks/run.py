@@ -449,7 +449,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=256,
                         help="training examples per configuration")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per process")
+    parser.add_argument("--warmup", type=int,
+                        help="untimed steps per process (default: 1 on cpu, 4 on cuda, where "
+                             "the first steps of a process are several times slower)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process")
     parser.add_argument("--repeats", type=int, default=2,
                         help="rounds of processes per configuration, alternating")
@@ -466,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.warmup is None:
+        args.warmup = 4 if args.device == "cuda" else 1
     sections = set(args.sections.split(","))
     command = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     results: dict[str, Any] = {"machine": machine(args.device), "command": command.strip(),
