@@ -74,6 +74,9 @@ class PluginArguments:
         "help": "Embedding perturber, e.g. neftune (default: none)."})
     max_length: int | None = field(default=None, metadata={
         "help": "Longest example in tokens; the collator's truncation option says what to cut."})
+    packing: bool = field(default=False, metadata={
+        "help": "Pack examples into rows of --max_length tokens (best-fit decreasing), "
+                "attention kept within each example; see docs/packing.md."})
     logits_chunk_size: int = field(default=1024, metadata={
         "help": "Positions per lm_head chunk in the trained-positions-only loss."})
 

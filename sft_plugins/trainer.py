@@ -83,6 +83,10 @@ class SFTPluginTrainer(Trainer):
     architecture is one whose logits are known to be ``lm_head(last_hidden_state)``; otherwise,
     and under FSDP or DeepSpeed (whose sharded ``lm_head`` only its own forward can run), the
     model's full logits are used.
+
+    ``packing=True`` packs the prepared training examples into rows of ``packing_max_length``
+    tokens (default: the collator's ``max_length``) whose ``position_ids`` restart at each
+    example, so attention and loss never cross examples (:mod:`sft_plugins.packing`).
     """
 
     loss_is_scaled_for_ga = True  # normalised by the step's total weight, never divided again

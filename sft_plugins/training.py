@@ -85,6 +85,8 @@ def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
         perturber_options = typed_options(perturber_cls, options["perturber"], "--perturber")
     elif options["perturber"]:
         raise ConfigError("perturber options were given without --perturber")
+    if plugin_args.packing and plugin_args.max_length is None:
+        raise ConfigError("--packing needs --max_length, the length of a packed row in tokens")
     collator = manager.collators.create(collator_name, **collator_options)
     perturber = (manager.perturbers.create(plugin_args.perturber, **perturber_options)
                  if plugin_args.perturber else None)
@@ -97,7 +99,8 @@ def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval,
         processing_class=tokenizer, template=template, collator=collator, perturber=perturber,
         plugin_manager=manager, dataset_num_proc=data_args.dataset_num_proc,
-        logits_chunk_size=plugin_args.logits_chunk_size)
+        logits_chunk_size=plugin_args.logits_chunk_size, packing=plugin_args.packing,
+        packing_max_length=plugin_args.max_length)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     if trainer.args.should_save:
@@ -108,7 +111,10 @@ def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
     table.add_row("template", template.name if template else "none (plain text)")
     table.add_row("collator", collator.name)
     table.add_row("perturber", perturber.name if perturber else "none")
-    table.add_row("examples", str(len(trainer.train_dataset)))
+    table.add_row("examples", str(trainer.preparation["train"].kept
+                                  if "train" in trainer.preparation else len(data.train)))
+    if plugin_args.packing:
+        table.add_row("packed rows", str(len(trainer.train_dataset)))
     table.add_row("steps", str(trainer.state.global_step))
     table.add_row("final training loss", f"{result.training_loss:.4f}")
     table.add_row("saved to", str(training_args.output_dir))

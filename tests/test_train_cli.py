@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -113,6 +114,7 @@ def test_resuming_draws_the_same_noise_and_losses(model_dir, data_file, tmp_path
      "exclude each other"),
     (["--no_such_flag", "1"], "unknown flag '--no_such_flag'"),
     (["--template", "qwen2.5"], "special tokens the tokenizer does not have"),
+    (["--packing", "true"], "--packing needs --max_length"),
 ])
 def test_bad_flags_fail_before_training_with_one_clear_error(model_dir, data_file, tmp_path,
                                                              extra, message):
@@ -160,4 +162,14 @@ def test_one_bad_line_among_ten_thousand(model_dir, tmp_path):
     assert json.loads((out / "preparation.json").read_text())["train"]["kept"] == 10_000
     summary = json.loads((out / "data_summary.json").read_text())
     assert json.dumps(summary).count("5001") >= 1
+    assert (out / "model.safetensors").exists()
+
+
+def test_packing_flag_packs_rows(model_dir, data_file, tmp_path):
+    out = tmp_path / "packed"
+    result = invoke(base_args(model_dir, data_file, out, "--packing", "true", "--max_length",
+                              "256", "--max_steps", "1", "--per_device_train_batch_size", "1"))
+    assert result.exit_code == 0, result.output[-2000:]
+    rows = re.search(r"packed rows\s*│\s*(\d+)", result.output)
+    assert rows and 1 < int(rows.group(1)) < 8, result.output[-1500:]
     assert (out / "model.safetensors").exists()
