@@ -656,30 +656,45 @@ class MaskingCollator:
         if self.pad_token_id is None:
             raise MaskingError(f"collator {self.name!r} has no pad token id: prepare the data "
                                "with collator.prepare(...) first, or set collator.pad_token_id")
-        lengths = [len(f["input_ids"]) for f in features]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        shape = (len(features), width)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros(shape, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        weighted = any("loss_weights" in f for f in features)
-        weights = torch.zeros(shape, dtype=torch.float32) if weighted else None
-        for row, (feature, n) in enumerate(zip(features, lengths, strict=True)):
-            cols = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
-            input_ids[row, cols] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+        batch, rows = pad_batch(features, self.pad_token_id,
+                                pad_to_multiple_of=self.pad_to_multiple_of,
+                                padding_side=self.padding_side)
+        attention = torch.zeros_like(batch["input_ids"])
+        for row, cols in enumerate(rows):
             attention[row, cols] = 1
-            labels[row, cols] = torch.as_tensor(feature["labels"], dtype=torch.long)
-            if weights is not None:
-                if "loss_weights" in feature:
-                    weights[row, cols] = torch.as_tensor(feature["loss_weights"])
-                else:
-                    weights[row, cols] = labels[row, cols].ne(IGNORE_INDEX).float()
-        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-        if weights is not None:
-            batch["loss_weights"] = weights
+        batch["attention_mask"] = attention
         return batch
+
+
+def pad_batch(features: Sequence[Mapping[str, Any]], pad_token_id: int, *,
+              pad_to_multiple_of: int | None = None,
+              padding_side: Literal["right", "left"] = "right"
+              ) -> tuple[dict[str, torch.Tensor], list[slice]]:
+    """``input_ids`` (pads: the pad token), ``labels`` (pads: -100) and, when any row has them,
+    ``loss_weights`` (pads: 0; rows without: 1 where labelled) as tensors, and the columns
+    each row's real tokens occupy. Shared by the padding and the packing collators."""
+    lengths = [len(f["input_ids"]) for f in features]
+    width = max(lengths)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    shape = (len(features), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    weighted = any("loss_weights" in f for f in features)
+    weights = torch.zeros(shape, dtype=torch.float32) if weighted else None
+    rows = [slice(0, n) if padding_side == "right" else slice(width - n, width)
+            for n in lengths]
+    for row, (feature, cols) in enumerate(zip(features, rows, strict=True)):
+        input_ids[row, cols] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+        labels[row, cols] = torch.as_tensor(feature["labels"], dtype=torch.long)
+        if weights is not None:
+            weights[row, cols] = (torch.as_tensor(feature["loss_weights"])
+                                  if "loss_weights" in feature
+                                  else labels[row, cols].ne(IGNORE_INDEX).float())
+    batch = {"input_ids": input_ids, "labels": labels}
+    if weights is not None:
+        batch["loss_weights"] = weights
+    return batch, rows
 
 
 PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"
@@ -822,6 +837,7 @@ __all__ = [
     "WeightedSpan",
     "Weighting",
     "encode_slow",
+    "pad_batch",
     "render_example",
     "token_ranges_fast",
     "token_ranges_slow",

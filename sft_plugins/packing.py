@@ -41,10 +41,10 @@ import torch
 from datasets import Dataset
 
 from sft_plugins.errors import DataError, MaskingError
+from sft_plugins.masking import IGNORE_INDEX, pad_batch
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 PACKED_COLUMNS = ("input_ids", "labels", "loss_weights")
 """Per-token columns carried into the packed rows (``loss_weights`` only when present)."""
 
@@ -196,30 +196,17 @@ class PackedCollator:
         if self.pad_token_id is None:
             raise MaskingError("PackedCollator has no pad token id: bind the masking collator "
                                "to the tokenizer first (collator.prepare or collator.bind)")
-        lengths = [len(f["input_ids"]) for f in features]
-        width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        shape = (len(features), width)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
-        weighted = any("loss_weights" in f for f in features)
-        weights = torch.zeros(shape, dtype=torch.float32) if weighted else None
-        for row, (feature, n) in enumerate(zip(features, lengths, strict=True)):
-            input_ids[row, :n] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.as_tensor(feature["labels"], dtype=torch.long)
+        batch, rows = pad_batch(features, self.pad_token_id,
+                                pad_to_multiple_of=self.pad_to_multiple_of)
+        width = batch["input_ids"].shape[1]
+        position_ids = torch.zeros_like(batch["input_ids"])
+        for row, (feature, cols) in enumerate(zip(features, rows, strict=True)):
+            n = cols.stop
             given = feature.get("position_ids")
             position_ids[row, :n] = (torch.arange(n) if given is None
                                      else torch.as_tensor(given, dtype=torch.long))
             position_ids[row, n:] = torch.arange(width - n)
-            if weights is not None:
-                weights[row, :n] = (torch.as_tensor(feature["loss_weights"])
-                                    if "loss_weights" in feature
-                                    else labels[row, :n].ne(IGNORE_INDEX).float())
-        batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
-        if weights is not None:
-            batch["loss_weights"] = weights
+        batch["position_ids"] = position_ids
         return batch
 
 
