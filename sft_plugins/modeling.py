@@ -70,7 +70,7 @@ def quantization_config(args: ModelArguments, compute_dtype: torch.dtype) -> Any
 def load_tokenizer(args: ModelArguments) -> Any:
     """The tokenizer of ``--tokenizer_name_or_path`` or of the model."""
     name = args.tokenizer_name_or_path or args.model_name_or_path
-    _check_source(name, "tokenizer")
+    _check_source(name, "tokenizer" if args.tokenizer_name_or_path else "model")
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as exc:

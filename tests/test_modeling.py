@@ -102,3 +102,8 @@ def test_missing_bitsandbytes_is_named(model_dir, monkeypatch):
 def test_a_file_is_not_a_model_directory(model_dir):
     with pytest.raises(ModelLoadError, match="is a file"):
         load_model(ModelArguments(model_name_or_path=str(model_dir / "config.json")))
+
+
+def test_missing_model_directory_is_named_as_the_model():
+    with pytest.raises(ModelLoadError, match=r"^model './nope' does not exist"):
+        load_tokenizer(ModelArguments(model_name_or_path="./nope"))
