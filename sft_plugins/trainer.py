@@ -35,6 +35,8 @@ import torch
 from datasets import Dataset
 from torch import nn
 from transformers import Trainer
+from transformers.modeling_utils import unwrap_model
+from transformers.trainer_utils import unwrap_peft_model
 
 from sft_plugins.callbacks import PerturberCallback
 from sft_plugins.loss import (
@@ -60,11 +62,8 @@ logger = logging.getLogger(__name__)
 
 
 def _core_model(model: nn.Module) -> nn.Module:
-    """The transformers model under DDP/accelerate and PEFT wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
+    """The transformers model under distributed, ``torch.compile`` and PEFT wrappers."""
+    return unwrap_peft_model(unwrap_model(model))
 
 
 def _head_is_plain_linear(head: nn.Module | None) -> bool:
