@@ -135,13 +135,14 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
 def write_mask_view(train: Dataset, template: ChatTemplate, tokenizer: Any, out: Path,
                     count: int = 5) -> None:
     """``masks.html``: the first training conversations, token by token, trained ones marked."""
-    from sft_plugins.commands.render import as_html, render_file
+    from sft_plugins.commands.render import Example, as_html, tokenize
 
-    lines = [json.dumps({"messages": row["prompt"] + row["completion"]})
-             for row in train.select(range(count))]
-    source = out / "mask_examples.jsonl"
-    source.write_text("\n".join(lines) + "\n")
-    examples = render_file(source, template, tokenizer, add_generation_prompt=False, options={})
+    examples = []
+    for number, row in enumerate(train.select(range(count)), start=1):
+        messages = row["prompt"] + row["completion"]
+        rendered = template.render(messages)
+        examples.append(Example(number, messages, None, rendered,
+                                tokenize(tokenizer, template, rendered)))
     (out / "masks.html").write_text(as_html(examples, template, "sft-plugins demo: what is "
                                             "trained"))
 
