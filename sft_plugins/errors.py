@@ -62,6 +62,10 @@ class ModelLoadError(SFTPluginsError, ValueError):
     """A model or tokenizer cannot be loaded as asked, or the flags asking for it conflict."""
 
 
+class LaunchError(SFTPluginsError, RuntimeError):
+    """The processes were launched for distributed training but would not train together."""
+
+
 class ConversationError(TemplateError):
     """A conversation breaks a rule of the chat template it is rendered with.
 

@@ -39,6 +39,7 @@ from transformers.modeling_utils import unwrap_model
 from transformers.trainer_utils import unwrap_peft_model
 
 from sft_plugins.callbacks import PerturberCallback
+from sft_plugins.errors import LaunchError
 from sft_plugins.loss import (
     FAST_PATH_MODEL_TYPES,
     TokenLoss,
@@ -151,10 +152,26 @@ class SFTPluginTrainer(Trainer):
         # Prepared batches hold only model inputs, labels and loss weights; the Trainer would
         # otherwise drop `loss_weights`, which no model's forward names.
         self.args.remove_unused_columns = False
+        self._check_launch()
         self._perturber_callback: PerturberCallback | None = None
         if self.perturber is not None:
             self._perturber_callback = PerturberCallback(self.perturber)
             self.add_callback(self._perturber_callback)
+
+    def _check_launch(self) -> None:
+        """Catch the launches that accelerate silently turns into something else."""
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.args.world_size == 1:
+            raise LaunchError(
+                f"this process is one of {launched} launched (WORLD_SIZE={launched}), but the "
+                "Trainer runs it alone: every process would train its own copy on all the data. "
+                "Without a GPU, pass --use_cpu true (use_cpu=True) so the processes train "
+                "together over gloo")
+        fsdp_asked = bool(self.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+        if fsdp_asked and not self.is_fsdp_enabled and launched > 1:
+            logger.warning("FSDP was asked for, but accelerate runs it only on accelerators: "
+                           "these %d processes train as DDP, each holding the whole model",
+                           launched)
 
     def _configure_generation(self, model: nn.Module, tokenizer: Any) -> None:
         """Make the saved generation config stop at every stop token of the template (the
@@ -247,6 +264,33 @@ class SFTPluginTrainer(Trainer):
         finally:
             if self._perturber_callback is not None:
                 self._perturber_callback.remove()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``, plus what a trained directory needs to be used elsewhere.
+
+        Under FSDP with a sharded state dict (which the Trainer's own final save skips), the
+        final save gathers the full weights, so the output directory loads with
+        ``from_pretrained`` like any other; checkpoints stay sharded. A LoRA adapter is saved
+        with the generation config (peft writes none), whose stop tokens are the template's:
+        the base model's own config may stop only at its end-of-text token.
+        """
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if (_internal_call or plugin is None
+                or "FULL_STATE_DICT" in str(plugin.state_dict_type)):
+            super().save_model(output_dir, _internal_call)
+        else:
+            sharded = plugin.state_dict_type
+            plugin.set_state_dict_type("FULL_STATE_DICT")
+            try:
+                super().save_model(output_dir, _internal_call)
+            finally:
+                plugin.set_state_dict_type(sharded)
+        unwrapped = unwrap_model(self.model)
+        base = unwrap_peft_model(unwrapped)
+        saved_an_adapter = base is not unwrapped
+        if (self.args.should_save and saved_an_adapter
+                and getattr(base, "generation_config", None) is not None):
+            base.generation_config.save_pretrained(output_dir or self.args.output_dir)
 
     def get_batch_samples(self, epoch_iterator: Iterator[Any], num_batches: int,
                           device: torch.device) -> tuple[list[Any], torch.Tensor | None]:

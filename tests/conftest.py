@@ -1,8 +1,10 @@
-"""Shared fixtures: making real (entry-point carrying) distributions without pip."""
+"""Shared fixtures: real (entry-point carrying) distributions without pip; a tiny chat model
+and data set for training runs."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import textwrap
@@ -10,6 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -65,3 +71,29 @@ def install(site_dir: Path) -> DistributionMaker:
         return site_dir
 
     return _install
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama saved with the shipped Llama 3 tokenizer, which has no template."""
+    path = tmp_path_factory.mktemp("model")
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )).save_pretrained(path)
+    tokenizer.save_pretrained(path)  # no chat template: --template names one
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight conversational prompt/completion examples (sort three letters)."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"Sort the letters: {w}"}],
+             "completion": [{"role": "assistant", "content": " ".join(sorted(w.split()))}]}
+            for w in ("c a b", "q p r", "z x y", "m k l", "f d e", "j h i", "w u v", "t r s")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

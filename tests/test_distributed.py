@@ -1,7 +1,9 @@
-"""Two CPU processes (torchrun, gloo) train exactly like one process on the same global batch."""
+"""Two CPU processes (gloo) train exactly like one process on the same global batch: DDP through
+torchrun, and FSDP2 through ``accelerate launch`` with the FSDP config of docs/training.md."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,14 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+FSDP_ON_CPU = Path(__file__).parent / "scripts" / "fsdp_on_cpu"
 
 
-def run(cmd: list[str], cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **env}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
 
 
 @pytest.mark.slow
@@ -39,3 +46,87 @@ def test_two_ranks_match_one_process_and_each_other(tmp_path):
         assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name
         torch.testing.assert_close(rank0["weights"][name], value, rtol=1e-4, atol=1e-5,
                                    msg=name)
+
+
+def train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["-m", "sft_plugins", "train", "--model_name_or_path", str(model),
+            "--dataset", str(data), "--template", "llama-3.1", "--output_dir", str(out),
+            "--max_steps", "3", "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+            "--report_to", "none", "--use_cpu", "true", "--seed", "7", "--logging_steps", "1",
+            "--disable_tqdm", "true", *extra]
+
+
+def logged_losses(out: Path) -> list[float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+
+@pytest.mark.slow
+def test_fsdp_launch_trains_like_one_process_and_saves_a_whole_model(
+        chat_model_dir, chat_data_file, tmp_path):
+    """The FSDP2 config of docs/training.md on two gloo ranks (4 examples each) against one
+    process (8 examples): same losses, same final weights, saved as a plain model directory
+    with the template's tokenizer and stop tokens; the sharded checkpoint resumes; NEFTune's
+    hook runs inside the sharded forward."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate installs its launcher"
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP",
+        "num_processes": 2, "main_process_port": 29541, "use_cpu": True,
+        "mixed_precision": "no",
+        "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+                        "fsdp_cpu_ram_efficient_loading": True,
+                        "fsdp_activation_checkpointing": True},
+    }))
+
+    def launch(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return run([accelerate, "launch", "--config_file", str(config),
+                    *train_args(chat_model_dir, chat_data_file, out,
+                                "--per_device_train_batch_size", "4", *extra)],
+                   tmp_path, PYTHONPATH=os.pathsep.join([str(FSDP_ON_CPU), os.getcwd()]))
+
+    alone, fsdp, resumed, noised = (tmp_path / n for n in ("alone", "fsdp", "resumed", "noised"))
+    run([sys.executable, *train_args(chat_model_dir, chat_data_file, alone,
+                                     "--per_device_train_batch_size", "8")], tmp_path)
+    launch(fsdp, "--save_steps", "2")
+
+    # Every step saw all 8 examples in both runs: the same objective, to float32 rounding.
+    assert logged_losses(fsdp) == pytest.approx(logged_losses(alone), rel=1e-5)
+    assert len(logged_losses(fsdp)) == 3
+    # Checkpoints are FSDP's sharded ones (so FSDP, not DDP, trained); the final save is whole.
+    assert (fsdp / "checkpoint-2" / "pytorch_model_fsdp_0").is_dir()
+    whole, reference = load_file(fsdp / "model.safetensors"), load_file(alone / "model.safetensors")
+    assert whole.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(whole[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    AutoModelForCausalLM.from_pretrained(fsdp)
+    tokenizer = AutoTokenizer.from_pretrained(fsdp)
+    assert "<|start_header_id|>" in tokenizer.chat_template
+    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in GenerationConfig.from_pretrained(
+        fsdp).eos_token_id
+
+    launch(resumed, "--resume_from_checkpoint", str(fsdp / "checkpoint-2"))
+    # The history of steps 1-2 comes from the checkpoint; step 3 is trained after resuming.
+    assert logged_losses(resumed) == pytest.approx(logged_losses(alone), rel=1e-5)
+
+    launch(noised, "--perturber", "neftune", "--perturber_alpha", "50")
+    assert logged_losses(noised)[0] != pytest.approx(logged_losses(alone)[0], rel=1e-3)
+
+
+def test_processes_that_would_train_alone_are_stopped_before_training(
+        chat_model_dir, chat_data_file, tmp_path):
+    """``accelerate launch --num_processes 2`` on a machine without a GPU and without
+    ``--use_cpu``: every process would train a copy of its own on all the data."""
+    args = train_args(chat_model_dir, chat_data_file, tmp_path / "out",
+                      "--per_device_train_batch_size", "4")
+    args[args.index("--use_cpu"):args.index("--use_cpu") + 2] = []
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0"}
+    done = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert ("error: this process is one of 2 launched (WORLD_SIZE=2), but the Trainer runs it "
+            "alone" in done.stderr)
+    assert "--use_cpu true" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "trainer_state.json").exists()

@@ -6,41 +6,16 @@ import json
 import re
 
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
 
-from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 from sft_plugins.cli import main
+from sft_plugins.commands.chat import load_for_chat
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model")
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )).save_pretrained(path)
-    tokenizer.save_pretrained(path)  # no chat template: --template names one
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    rows = [{"prompt": [{"role": "user", "content": f"Sort the letters: {w}"}],
-             "completion": [{"role": "assistant", "content": " ".join(sorted(w.split()))}]}
-            for w in ("c a b", "q p r", "z x y", "m k l", "f d e", "j h i", "w u v", "t r s")]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def base_args(model_dir, data_file, out, *extra):
-    return ["train", "--model_name_or_path", str(model_dir), "--dataset", str(data_file),
+def base_args(chat_model_dir, chat_data_file, out, *extra):
+    return ["train", "--model_name_or_path", str(chat_model_dir), "--dataset", str(chat_data_file),
             "--template", "llama-3.1", "--output_dir", str(out), "--max_steps", "4",
             "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--report_to",
             "none", "--use_cpu", "true", "--seed", "7", "--logging_steps", "1",
@@ -56,9 +31,9 @@ def losses(out):
     return [h["loss"] for h in state["log_history"] if "loss" in h]
 
 
-def test_trains_saves_model_tokenizer_and_report(model_dir, data_file, tmp_path):
+def test_trains_saves_model_tokenizer_and_report(chat_model_dir, chat_data_file, tmp_path):
     out = tmp_path / "run"
-    result = invoke(base_args(model_dir, data_file, out, "--perturber", "neftune",
+    result = invoke(base_args(chat_model_dir, chat_data_file, out, "--perturber", "neftune",
                               "--perturber_alpha", "5", "--template_omit_knowledge_date",
                               "true"))
     assert result.exit_code == 0, result.output
@@ -72,11 +47,11 @@ def test_trains_saves_model_tokenizer_and_report(model_dir, data_file, tmp_path)
     assert "completion-only" in result.output and "neftune" in result.output
 
 
-def test_config_file_and_command_line_override(model_dir, data_file, tmp_path):
+def test_config_file_and_command_line_override(chat_model_dir, chat_data_file, tmp_path):
     out = tmp_path / "cfg"
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
-        "model_name_or_path": str(model_dir), "dataset": [str(data_file)],
+        "model_name_or_path": str(chat_model_dir), "dataset": [str(chat_data_file)],
         "template": "llama-3.1", "output_dir": str(out), "max_steps": 10,
         "per_device_train_batch_size": 4, "report_to": "none", "use_cpu": True,
         "disable_tqdm": True, "collator": "prompt-weighted",
@@ -89,17 +64,17 @@ def test_config_file_and_command_line_override(model_dir, data_file, tmp_path):
     assert "prompt-weighted" in result.output
 
 
-def test_resuming_draws_the_same_noise_and_losses(model_dir, data_file, tmp_path):
+def test_resuming_draws_the_same_noise_and_losses(chat_model_dir, chat_data_file, tmp_path):
     """Two steps, then two more resumed from the checkpoint, equal four uninterrupted steps
     (a constant learning rate, since the first part is told max_steps=2)."""
     noisy = ("--perturber", "neftune", "--perturber_alpha", "10", "--save_strategy", "steps",
              "--save_steps", "2", "--lr_scheduler_type", "constant")
     whole = tmp_path / "whole"
-    assert invoke(base_args(model_dir, data_file, whole, *noisy)).exit_code == 0
+    assert invoke(base_args(chat_model_dir, chat_data_file, whole, *noisy)).exit_code == 0
     part = tmp_path / "part"
-    assert invoke(base_args(model_dir, data_file, part, *noisy, "--max_steps", "2")
+    assert invoke(base_args(chat_model_dir, chat_data_file, part, *noisy, "--max_steps", "2")
                   ).exit_code == 0
-    resumed = invoke(base_args(model_dir, data_file, part, *noisy,
+    resumed = invoke(base_args(chat_model_dir, chat_data_file, part, *noisy,
                                "--resume_from_checkpoint", str(part / "checkpoint-2")))
     assert resumed.exit_code == 0, resumed.output
     assert losses(part)[-2:] == pytest.approx(losses(whole)[-2:], rel=1e-5)
@@ -116,9 +91,9 @@ def test_resuming_draws_the_same_noise_and_losses(model_dir, data_file, tmp_path
     (["--template", "qwen2.5"], "special tokens the tokenizer does not have"),
     (["--packing", "true"], "--packing needs --max_length"),
 ])
-def test_bad_flags_fail_before_training_with_one_clear_error(model_dir, data_file, tmp_path,
-                                                             extra, message):
-    args = base_args(model_dir, data_file, tmp_path / "bad", *extra)
+def test_bad_flags_fail_before_training_with_one_clear_error(chat_model_dir, chat_data_file,
+                                                             tmp_path, extra, message):
+    args = base_args(chat_model_dir, chat_data_file, tmp_path / "bad", *extra)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert message in result.output
@@ -126,8 +101,8 @@ def test_bad_flags_fail_before_training_with_one_clear_error(model_dir, data_fil
     assert not (tmp_path / "bad" / "model.safetensors").exists()
 
 
-def test_tokenizer_without_template_needs_one(model_dir, data_file, tmp_path):
-    args = base_args(model_dir, data_file, tmp_path / "nt")
+def test_tokenizer_without_template_needs_one(chat_model_dir, chat_data_file, tmp_path):
+    args = base_args(chat_model_dir, chat_data_file, tmp_path / "nt")
     at = args.index("--template")
     del args[at:at + 2]
     result = CliRunner().invoke(main, args)
@@ -141,7 +116,7 @@ def test_help_lists_training_arguments():
         assert flag in result.output
 
 
-def test_one_bad_line_among_ten_thousand(model_dir, tmp_path):
+def test_one_bad_line_among_ten_thousand(chat_model_dir, tmp_path):
     """error: stops before training naming the line; skip: trains on the 10 000, reports 1."""
     data = tmp_path / "big.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "Sort the letters: b a"},
@@ -149,14 +124,14 @@ def test_one_bad_line_among_ten_thousand(model_dir, tmp_path):
     bad = json.dumps({"messages": [{"role": "user", "content": "Sort the letters: b a"}]})
     data.write_text("\n".join([good] * 5000 + [bad] + [good] * 5000) + "\n")
 
-    stopped = CliRunner().invoke(main, base_args(model_dir, data, tmp_path / "err",
+    stopped = CliRunner().invoke(main, base_args(chat_model_dir, data, tmp_path / "err",
                                                  "--max_steps", "1"))
     assert stopped.exit_code == 2
     assert "big.jsonl:5001" in stopped.output
     assert not (tmp_path / "err" / "model.safetensors").exists()
 
     out = tmp_path / "skip"
-    skipped = invoke(base_args(model_dir, data, out, "--max_steps", "1",
+    skipped = invoke(base_args(chat_model_dir, data, out, "--max_steps", "1",
                                "--on_bad_example", "skip"))
     assert skipped.exit_code == 0, skipped.output[-2000:]
     assert json.loads((out / "preparation.json").read_text())["train"]["kept"] == 10_000
@@ -165,11 +140,35 @@ def test_one_bad_line_among_ten_thousand(model_dir, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
-def test_packing_flag_packs_rows(model_dir, data_file, tmp_path):
+def test_packing_flag_packs_rows(chat_model_dir, chat_data_file, tmp_path):
     out = tmp_path / "packed"
-    result = invoke(base_args(model_dir, data_file, out, "--packing", "true", "--max_length",
-                              "256", "--max_steps", "1", "--per_device_train_batch_size", "1"))
+    result = invoke(base_args(chat_model_dir, chat_data_file, out, "--packing", "true",
+                              "--max_length", "256", "--max_steps", "1",
+                              "--per_device_train_batch_size", "1"))
     assert result.exit_code == 0, result.output[-2000:]
     rows = re.search(r"packed rows\s*│\s*(\d+)", result.output)
     assert rows and 1 < int(rows.group(1)) < 8, result.output[-1500:]
     assert (out / "model.safetensors").exists()
+
+
+def test_lora_adapter_is_saved_with_the_templates_stop_tokens(chat_model_dir, chat_data_file,
+                                                              tmp_path):
+    """A base model that stops only at <|end_of_text|> (as Llama 3.1 base does): the adapter
+    directory must carry the template's stop tokens, or generation runs past <|eot_id|>."""
+    base = tmp_path / "base"
+    model = LlamaForCausalLM.from_pretrained(chat_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
+    end_of_text = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    model.generation_config.eos_token_id = end_of_text
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    out = tmp_path / "adapter"
+    result = invoke(base_args(base, chat_data_file, out, "--use_lora", "true", "--lora_r", "4",
+                              "--max_steps", "1"))
+    assert result.exit_code == 0, result.output
+    assert (out / "adapter_model.safetensors").exists()
+    assert end_of_turn in GenerationConfig.from_pretrained(out).eos_token_id
+    _, loaded = load_for_chat(out)
+    assert end_of_turn in loaded.generation_config.eos_token_id
+    assert GenerationConfig.from_pretrained(base).eos_token_id == end_of_text
