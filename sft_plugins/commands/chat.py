@@ -18,8 +18,12 @@ from sft_plugins.errors import ModelLoadError
 
 
 def load_for_chat(directory: Path) -> tuple[Any, Any]:
-    """The tokenizer and model (or base model plus LoRA adapter) saved in ``directory``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The tokenizer and model (or base model plus LoRA adapter) saved in ``directory``.
+
+    An adapter is loaded onto its base model, which brings the base's generation config; the
+    one saved with the adapter (the template's stop tokens) replaces it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -27,6 +31,8 @@ def load_for_chat(directory: Path) -> tuple[Any, Any]:
             from peft import AutoPeftModelForCausalLM
 
             model = AutoPeftModelForCausalLM.from_pretrained(directory)
+            if (directory / "generation_config.json").exists():
+                model.generation_config = GenerationConfig.from_pretrained(directory)
         else:
             model = AutoModelForCausalLM.from_pretrained(directory)
     except (OSError, ValueError) as exc:
