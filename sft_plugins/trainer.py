@@ -114,6 +114,7 @@ class SFTPluginTrainer(Trainer):
         packing_max_length: int | None = None,
         **kwargs: Any,
     ) -> None:
+        self._check_launch(args)
         self.plugin_manager = plugin_manager or get_plugin_manager()
         self.logits_chunk_size = logits_chunk_size
         self.full_logits = full_logits
@@ -152,21 +153,26 @@ class SFTPluginTrainer(Trainer):
         # Prepared batches hold only model inputs, labels and loss weights; the Trainer would
         # otherwise drop `loss_weights`, which no model's forward names.
         self.args.remove_unused_columns = False
-        self._check_launch()
+        self._warn_if_fsdp_fell_back()
         self._perturber_callback: PerturberCallback | None = None
         if self.perturber is not None:
             self._perturber_callback = PerturberCallback(self.perturber)
             self.add_callback(self._perturber_callback)
 
-    def _check_launch(self) -> None:
-        """Catch the launches that accelerate silently turns into something else."""
+    @staticmethod
+    def _check_launch(args: Any) -> None:
+        """Stop, before any work, processes launched together that would each train alone
+        (accelerate does not join CPU processes unless asked to)."""
         launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched > 1 and self.args.world_size == 1:
+        if launched > 1 and args is not None and args.world_size == 1:
             raise LaunchError(
                 f"this process is one of {launched} launched (WORLD_SIZE={launched}), but the "
                 "Trainer runs it alone: every process would train its own copy on all the data. "
                 "Without a GPU, pass --use_cpu true (use_cpu=True) so the processes train "
                 "together over gloo")
+
+    def _warn_if_fsdp_fell_back(self) -> None:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
         fsdp_asked = bool(self.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP") == "true"
         if fsdp_asked and not self.is_fsdp_enabled and launched > 1:
             logger.warning("FSDP was asked for, but accelerate runs it only on accelerators: "
