@@ -38,6 +38,7 @@ from transformers import Trainer
 from transformers.modeling_utils import unwrap_model
 from transformers.trainer_utils import unwrap_peft_model
 
+from sft_plugins.attention import attend_packed_rows_by_example
 from sft_plugins.callbacks import PerturberCallback
 from sft_plugins.errors import LaunchError
 from sft_plugins.loss import (
@@ -86,7 +87,9 @@ class SFTPluginTrainer(Trainer):
 
     ``packing=True`` packs the prepared training examples into rows of ``packing_max_length``
     tokens (default: the collator's ``max_length``) whose ``position_ids`` restart at each
-    example, so attention and loss never cross examples (:mod:`sft_plugins.packing`).
+    example, so attention and loss never cross examples (:mod:`sft_plugins.packing`); a model
+    on ``sdpa`` is switched to ``sdpa_packed``, which attends one example at a time
+    (:mod:`sft_plugins.attention`).
     """
 
     loss_is_scaled_for_ga = True  # normalised by the step's total weight, never divided again
@@ -137,6 +140,8 @@ class SFTPluginTrainer(Trainer):
             if packing:  # best-fit rows, see sft_plugins.packing
                 train_dataset = pack_prepared(train_dataset,
                                               packing_max_length or self.collator.max_length)
+                if model is not None:
+                    attend_packed_rows_by_example(_core_model(model))
         if isinstance(eval_dataset, Dataset):
             eval_dataset = self.prepare_dataset(eval_dataset, "eval")
         elif isinstance(eval_dataset, Mapping):

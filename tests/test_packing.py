@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import sft_plugins.attention  # noqa: F401  (registers "sdpa_packed")
 from sft_plugins.errors import DataError
 from sft_plugins.loss import shifted_targets
 from sft_plugins.packing import PackedCollator, best_fit_decreasing, pack_dataset
@@ -113,7 +114,7 @@ def example_losses(logits: torch.Tensor, labels: torch.Tensor,
     return (nll * w).sum(), w.sum()
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_packed"])
 def test_packed_loss_of_each_example_equals_its_unpacked_loss(attn):
     """Float32: each example's weighted loss sum and weight sum in a packed batch equal those of
     the example run alone to rtol 1e-5, atol 1e-5 (summation order only). Run with an
@@ -203,6 +204,8 @@ def test_trainer_with_packing_gives_the_unpacked_step_loss(tmp_path):
             plugin_manager=manager, packing=packing, packing_max_length=256)
         rows = list(trainer.train_dataset)
         assert ("position_ids" in trainer.train_dataset.column_names) is packing
+        assert trainer.model.config._attn_implementation == (
+            "sdpa_packed" if packing else "sdpa")
         batch = trainer.data_collator(rows)
         assert ("attention_mask" in batch) is not packing
         with torch.no_grad():
