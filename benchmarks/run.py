@@ -1,6 +1,6 @@
 """Side-by-side benchmark: sft-plugins against TRL and transformers, one command, one machine.
 
-    python -m benchmarks.run                         # CPU, small body, about 6 minutes on 2 cores
+    python -m benchmarks.run                         # CPU, small body, about 11 minutes on 2 cores
     python -m benchmarks.run --size large            # a larger body (slow on a CPU)
     python -m benchmarks.run --device cuda           # bf16 on the GPU
 
@@ -530,8 +530,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"{skewed['examples']} examples whose completion length is "
                              f"Pareto-distributed (shape 1.3, capped at 400 words); "
                              f"`completion-only`; batch {args.batch} padded examples vs "
-                             f"{args.batch} packed rows of at most {SKEWED_MAX_LENGTH} tokens; "
-                             "one epoch each, every step but the first timed.",
+                             f"{args.batch} packed rows of at most {SKEWED_MAX_LENGTH} tokens "
+                             "(attending through `sdpa_packed`, which the trainer switches "
+                             "to when it packs); one epoch each, every step but the first "
+                             "timed.",
                     "results": summarise(runs, "padded"), "runs": runs}
     results["wall_s"] = time.perf_counter() - started
     results["goals"] = [{"goal": g, "measured": m, "met": ok} for g, m, ok in goals(results)]

@@ -20,7 +20,8 @@ class ModelArguments:
         "help": "Weights dtype: auto (from --bf16/--fp16, else float32), bfloat16, float16, "
                 "float32."})
     attn_implementation: str | None = field(default=None, metadata={
-        "help": "Attention kernel: sdpa, flash_attention_2, eager (default: transformers')."})
+        "help": "Attention kernel: sdpa, sdpa_packed, flash_attention_2, eager (default: "
+                "transformers'; --packing switches sdpa to sdpa_packed)."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow model code from the model's repository."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft)."})

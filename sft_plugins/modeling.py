@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+import sft_plugins.attention  # noqa: F401  (registers attn_implementation="sdpa_packed")
 from sft_plugins.arguments import ModelArguments
 from sft_plugins.errors import ModelLoadError
 

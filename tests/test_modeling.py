@@ -39,6 +39,13 @@ def test_loads_a_local_directory_in_full(model_dir):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_attn_implementation_sdpa_packed_is_known_to_transformers(model_dir):
+    model = load_model(ModelArguments(model_name_or_path=str(model_dir),
+                                      attn_implementation="sdpa_packed"))
+    assert model.config._attn_implementation == "sdpa_packed"
+    one_backward(model)
+
+
 def test_lora_defaults_to_every_linear_layer_but_the_head(model_dir):
     model = load_model(ModelArguments(model_name_or_path=str(model_dir), use_lora=True,
                                       lora_r=4))
