@@ -15,7 +15,6 @@ from transformers.masking_utils import find_packed_sequence_indices
 import sft_plugins.attention as attention
 from sft_plugins.attention import SDPA_PACKED, attend_packed_rows_by_example, packed_segments
 from sft_plugins.packing import PackedCollator, pack_dataset
-from tests.test_packing import make_rows
 
 VOCAB = 97
 
@@ -76,7 +75,10 @@ def test_packed_rows_give_sdpas_logits_and_gradients_one_example_at_a_time(kerne
     query attention (4 heads, 2 key/value heads) and a padded last row; SDPA is called once per
     example (and once for the pads' own sequence), never on a whole row."""
     lengths = [17, 9, 30, 4, 12, 25, 8, 3]
-    packed, report = pack_dataset(Dataset.from_list(make_rows(lengths, False, seed=1)), 40)
+    ids = torch.randint(3, VOCAB, (sum(lengths),), generator=torch.Generator().manual_seed(1))
+    rows = [{"input_ids": piece.tolist(), "labels": piece.tolist()}
+            for piece in ids.split(lengths)]
+    packed, report = pack_dataset(Dataset.from_list(rows), 40)
     batch = PackedCollator(pad_token_id=0)(list(packed))
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     want = forward_backward(tiny_llama("sdpa").train(), inputs)

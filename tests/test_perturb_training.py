@@ -329,7 +329,9 @@ def test_builtin_neftune_and_a_perturber_together_are_refused(tmp_path: Path):
 
 def test_trl_sft_trainer_padding_free_rows_are_scaled_per_segment(tmp_path: Path):
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+
+    trl = pytest.importorskip("trl")  # the bench extra; CI installs it
+    SFTConfig, SFTTrainer = trl.SFTConfig, trl.SFTTrainer
 
     from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 
