@@ -97,3 +97,19 @@ def chat_data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
             for w in ("c a b", "q p r", "z x y", "m k l", "f d e", "j h i", "w u v", "t r s")]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture
+def tiny_llama() -> Callable[[str], LlamaForCausalLM]:
+    """Builds the same small Llama (vocabulary 97, 2 layers, 4 heads over 2 key/value heads)
+    with the attention implementation asked for, for comparing implementations."""
+
+    def build(attn: str) -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=128, pad_token_id=0)
+        config._attn_implementation = attn
+        return LlamaForCausalLM(config)
+
+    return build

@@ -9,7 +9,6 @@ import torch
 from datasets import Dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import find_packed_sequence_indices
 
 import sft_plugins.attention as attention
@@ -40,15 +39,6 @@ def test_segments_are_transformers_packed_sequences(data, width, batch):
         assert [row.count(i) for i in range(max(row) + 1)] == lengths
 
 
-def tiny_llama(attn: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, pad_token_id=0)
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config)
-
-
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Query lengths that reach transformers' SDPA through ``sdpa_packed``."""
@@ -70,7 +60,8 @@ def forward_backward(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_packed_rows_give_sdpas_logits_and_gradients_one_example_at_a_time(kernel_calls):
+def test_packed_rows_give_sdpas_logits_and_gradients_one_example_at_a_time(tiny_llama,
+                                                                          kernel_calls):
     """Float32, rtol 1e-5 / atol 1e-5 on logits and every parameter's gradient, with grouped
     query attention (4 heads, 2 key/value heads) and a padded last row; SDPA is called once per
     example (and once for the pads' own sequence), never on a whole row."""
@@ -93,7 +84,7 @@ def test_packed_rows_give_sdpas_logits_and_gradients_one_example_at_a_time(kerne
 
 
 @pytest.mark.parametrize("restart", [False, True])
-def test_rows_that_are_not_packed_go_to_sdpa_whole(kernel_calls, restart):
+def test_rows_that_are_not_packed_go_to_sdpa_whole(tiny_llama, kernel_calls, restart):
     """A padded batch with an attention mask, and generation with a cache, run as ``sdpa``.
     So do rows whose positions restart but whose mask (an ``attention_mask`` was given, so
     transformers built no block-diagonal mask) lets the sequences see each other."""
@@ -116,7 +107,7 @@ def test_rows_that_are_not_packed_go_to_sdpa_whole(kernel_calls, restart):
 
 
 @pytest.mark.parametrize("attn, switched", [("sdpa", True), ("eager", False)])
-def test_only_sdpa_is_switched(attn, switched):
+def test_only_sdpa_is_switched(tiny_llama, attn, switched):
     model = tiny_llama(attn)
     assert attend_packed_rows_by_example(model) is switched
     assert model.config._attn_implementation == (SDPA_PACKED if switched else attn)

@@ -96,15 +96,6 @@ def test_collator_pads_with_a_sequence_of_their_own_and_no_attention_mask():
     assert unpacked["position_ids"].tolist() == [[0, 1, 2]]
 
 
-def tiny_llama(attn: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, pad_token_id=0)
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config).eval()
-
-
 def example_losses(logits: torch.Tensor, labels: torch.Tensor,
                    weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``sum(w * nll)`` and ``sum(w)`` of one sequence, shifted exactly as the trainer does."""
@@ -115,11 +106,11 @@ def example_losses(logits: torch.Tensor, labels: torch.Tensor,
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_packed"])
-def test_packed_loss_of_each_example_equals_its_unpacked_loss(attn):
+def test_packed_loss_of_each_example_equals_its_unpacked_loss(tiny_llama, attn):
     """Float32: each example's weighted loss sum and weight sum in a packed batch equal those of
     the example run alone to rtol 1e-5, atol 1e-5 (summation order only). Run with an
     all-ones attention mask (examples seeing each other), the same check fails."""
-    model = tiny_llama(attn)
+    model = tiny_llama(attn).eval()
     rows = make_rows([17, 9, 30, 4, 12, 25, 8], weighted=True, seed=3)
     packed, report = pack_dataset(Dataset.from_list(rows), 40)
     assert report.rows < len(rows)
@@ -150,7 +141,7 @@ def test_packed_loss_of_each_example_equals_its_unpacked_loss(attn):
     assert checked == len(rows) and contaminated > 0
 
 
-def test_neftune_scales_each_packed_example_by_its_own_length():
+def test_neftune_scales_each_packed_example_by_its_own_length(tiny_llama):
     """The perturber hooked on a model, fed a packed batch: the noise on each example is bounded
     by alpha / sqrt(L * d) with L that example's length, and reaches close to that bound."""
     model = tiny_llama("sdpa").train()
