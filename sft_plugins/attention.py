@@ -56,11 +56,17 @@ def packed_segments(position_ids: torch.Tensor) -> list[list[int]] | None:
 def _attends_across(mask: torch.Tensor, segments: list[list[int]]) -> bool:
     """Whether the mask lets a token see another sequence of its row. transformers builds a
     block-diagonal mask only without an ``attention_mask``; given one, it lets packed sequences
-    see each other, and so must this implementation to stay equal to ``sdpa``."""
-    ids = torch.stack([torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-                       for lengths in segments]).to(mask.device)
-    across = ids[:, None, :, None] != ids[:, None, None, :]
-    return bool((mask & across).any())
+    see each other, and so must this implementation to stay equal to ``sdpa``. Reads the
+    off-block parts as views: no row-sized temporaries, one device sync."""
+    outside = []
+    for row, lengths in enumerate(segments):
+        rows = mask[row if mask.shape[0] > 1 else 0]
+        start = 0
+        for n in lengths:
+            end = start + n
+            outside += [rows[..., start:end, :start].any(), rows[..., start:end, end:].any()]
+            start = end
+    return bool(torch.stack(outside).any())
 
 
 def sdpa_packed_attention_forward(
