@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from typing import Any
 
 import torch
@@ -54,19 +55,42 @@ def packed_segments(position_ids: torch.Tensor) -> list[list[int]] | None:
 
 
 def _attends_across(mask: torch.Tensor, segments: list[list[int]]) -> bool:
-    """Whether the mask lets a token see another sequence of its row. transformers builds a
-    block-diagonal mask only without an ``attention_mask``; given one, it lets packed sequences
-    see each other, and so must this implementation to stay equal to ``sdpa``. Reads the
-    off-block parts as views: no row-sized temporaries, one device sync."""
+    """Whether the mask (one per row) lets a token see another sequence of its row.
+    transformers builds a block-diagonal mask only without an ``attention_mask``; given one, it
+    lets packed sequences see each other, and so must this implementation to stay equal to
+    ``sdpa``. Reads the off-block parts as views: no row-sized temporaries, one device sync."""
     outside = []
     for row, lengths in enumerate(segments):
-        rows = mask[row if mask.shape[0] > 1 else 0]
         start = 0
         for n in lengths:
             end = start + n
-            outside += [rows[..., start:end, :start].any(), rows[..., start:end, end:].any()]
+            outside += [mask[row, ..., start:end, :start].any(),
+                        mask[row, ..., start:end, end:].any()]
             start = end
     return bool(torch.stack(outside).any())
+
+
+_this_forward: tuple[weakref.ref, weakref.ref, int, list[list[int]] | None] | None = None
+"""The last answer of :func:`_separate_sequences`, with weak references to the position ids and
+mask it was for, and the batch size."""
+
+
+def _separate_sequences(position_ids: torch.Tensor, mask: torch.Tensor,
+                        batch: int) -> list[list[int]] | None:
+    """The sequence lengths of each of ``batch`` rows (``position_ids`` and ``mask`` may hold
+    one row for all) when the rows are packed and the mask keeps the sequences apart, else
+    ``None``. Every layer of one forward gets the same two tensors, so the answer (a few device
+    syncs) is worked out once per forward; weak references neither keep the tensors alive nor
+    match a new tensor that reuses a freed one's address."""
+    global _this_forward
+    if (_this_forward is not None and _this_forward[0]() is position_ids
+            and _this_forward[1]() is mask and _this_forward[2] == batch):
+        return _this_forward[3]
+    segments = packed_segments(position_ids.expand(batch, -1))
+    if segments is not None and _attends_across(mask.expand(batch, *mask.shape[1:]), segments):
+        segments = None
+    _this_forward = (weakref.ref(position_ids), weakref.ref(mask), batch, segments)
+    return segments
 
 
 def sdpa_packed_attention_forward(
@@ -82,15 +106,16 @@ def sdpa_packed_attention_forward(
     """Same signature and result as transformers' ``sdpa_attention_forward`` (output
     ``(batch, length, heads, head_dim)``, no weights)."""
     position_ids = kwargs.get("position_ids")
-    length = query.shape[2]
+    batch, length = query.shape[0], query.shape[2]
     segments = None
     if (position_ids is not None and position_ids.dim() == 2 and key.shape[2] == length
             and position_ids.shape[-1] == length and kwargs.get("position_bias") is None
             and attention_mask is not None and attention_mask.dtype == torch.bool):
-        segments = packed_segments(position_ids.expand(query.shape[0], -1))
-    if segments is None or _attends_across(attention_mask, segments):
+        segments = _separate_sequences(position_ids, attention_mask, batch)
+    if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, **kwargs)
+    mask = attention_mask.expand(batch, *attention_mask.shape[1:])
     rows = []
     for row, lengths in enumerate(segments):
         # split's backward is one cat, where indexing would add a full-size zero gradient per piece
@@ -99,9 +124,8 @@ def sdpa_packed_attention_forward(
         outputs, start = [], 0
         for q, k, v in pieces:
             end = start + q.shape[1]
-            mask = attention_mask[row if attention_mask.shape[0] > 1 else 0, None, ...,
-                                  start:end, start:end]
-            out, _ = sdpa_attention_forward(module, q[None], k[None], v[None], mask,
+            out, _ = sdpa_attention_forward(module, q[None], k[None], v[None],
+                                            mask[row, None, ..., start:end, start:end],
                                             dropout=dropout, scaling=scaling, **kwargs)
             outputs.append(out)
             start = end

@@ -83,6 +83,26 @@ def test_packed_rows_give_sdpas_logits_and_gradients_one_example_at_a_time(tiny_
     assert report.rows < len(lengths)
 
 
+def test_sequences_are_found_once_per_forward_and_anew_for_the_next(tiny_llama, monkeypatch):
+    """Every layer of a forward sees the same position ids and mask: the rows are split once
+    per forward, not per layer, and a new batch (here one position row for both rows, split
+    differently) is split anew and still equals ``sdpa``."""
+    found: list[torch.Tensor] = []
+    original = attention.packed_segments
+    monkeypatch.setattr(attention, "packed_segments",
+                        lambda position_ids: (found.append(position_ids),
+                                              original(position_ids))[1])
+    packed, sdpa = tiny_llama(SDPA_PACKED).train(), tiny_llama("sdpa").train()
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
+    for round, cut in enumerate((7, 12), start=1):
+        inputs = {"input_ids": ids, "position_ids": torch.tensor([[*range(cut),
+                                                                   *range(20 - cut)]])}
+        torch.testing.assert_close(forward_backward(packed, inputs),
+                                   forward_backward(sdpa, inputs), rtol=1e-5, atol=1e-5)
+        assert len(found) == round  # two layers, forward and backward: split once
+        assert found[-1].tolist() == [[*range(cut), *range(20 - cut)]] * 2
+
+
 @pytest.mark.parametrize("restart", [False, True])
 def test_rows_that_are_not_packed_go_to_sdpa_whole(tiny_llama, kernel_calls, restart):
     """A padded batch with an attention mask, and generation with a cache, run as ``sdpa``.
