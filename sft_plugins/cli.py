@@ -11,6 +11,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sft_plugins import __version__
@@ -26,7 +27,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except SFTPluginsError as exc:
             console = Console(stderr=True, soft_wrap=True)
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            # the message is text: "sft-plugins[qlora]" must not be read as a style tag
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             sys.exit(2)
 
 
@@ -71,8 +73,8 @@ def list_command(as_json: bool) -> None:
                           str(row["plugin"]), str(row["description"]))
         console.print(table)
     for error in listing["errors"]:
-        console.print(f"[bold red]broken plugin[/] {error['plugin']}: {error['error']}",
-                      highlight=False)
+        console.print(f"[bold red]broken plugin[/] {escape(str(error['plugin']))}: "
+                      f"{escape(str(error['error']))}", highlight=False)
 
 
 def _attach_subcommands() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from rich.console import Console
+from rich.markup import escape
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from sft_plugins.assets import ASSETS, LLAMA3_TOKENIZER_DIR
@@ -189,8 +190,9 @@ def run_demo(output_dir: str | Path = "demo-output", *, steps: int = 600, batch_
     console.print(f"held-out exact match after training: [bold]{after_accuracy:.1%}[/] "
                   f"(before: {before_accuracy:.1%})")
     for letters, old, new in list(zip(heldout, before, after, strict=True))[:5]:
-        console.print(f"  {PROMPT.format(letters)!r}: before {old!r}, after {new!r}, "
-                      f"expected {answer(letters)!r}")
+        # generations are model output, not markup (an untrained model writes brackets)
+        console.print(escape(f"  {PROMPT.format(letters)!r}: before {old!r}, after {new!r}, "
+                             f"expected {answer(letters)!r}"))
 
     trainer.save_model(str(out / "model"))
     tokenizer.save_pretrained(str(out / "model"))

@@ -57,13 +57,14 @@ def test_list_without_disabled_plugin(install, monkeypatch):
 
 
 def test_list_reports_broken_plugin_and_exits_zero(install):
-    install("broken-sft", {"broken_sft.py": "raise ImportError('half-installed')\n"},
+    install("broken-sft", {"broken_sft.py": "raise ImportError('half-installed: acme[gpu]')\n"},
             {"broken": "broken_sft"})
     [error] = run_list()["errors"]
     assert error["plugin"] == "broken" and error["distribution"] == "broken-sft"
     assert "half-installed" in error["error"] and "SFT_PLUGINS_DISABLE=broken" in error["error"]
     table = CliRunner().invoke(main, ["list"])
     assert table.exit_code == 0 and "broken plugin" in table.output
+    assert "half-installed: acme[gpu]" in table.output  # text, not markup
 
 
 def test_python_dash_m_runs_the_same_command(install):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import yaml
@@ -99,6 +100,18 @@ def test_bad_flags_fail_before_training_with_one_clear_error(chat_model_dir, cha
     assert message in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def test_errors_are_printed_verbatim_brackets_included(chat_model_dir, chat_data_file,
+                                                       tmp_path, monkeypatch):
+    """The install hint names the extra in brackets, which terminal markup would swallow."""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # find_spec: not installed
+    args = base_args(chat_model_dir, chat_data_file, tmp_path / "q", "--load_in_4bit", "true",
+                     "--use_lora", "true")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert ("--load_in_4bit needs bitsandbytes, which is not installed: "
+            "pip install 'sft-plugins[qlora]'") in result.output
 
 
 def test_tokenizer_without_template_needs_one(chat_model_dir, chat_data_file, tmp_path):
