@@ -40,7 +40,7 @@ from transformers.trainer_utils import unwrap_peft_model
 
 from sft_plugins.attention import attend_packed_rows_by_example
 from sft_plugins.callbacks import PerturberCallback
-from sft_plugins.errors import LaunchError
+from sft_plugins.errors import LaunchError, ModelLoadError
 from sft_plugins.loss import (
     FAST_PATH_MODEL_TYPES,
     TokenLoss,
@@ -136,16 +136,16 @@ class SFTPluginTrainer(Trainer):
         self._tokenizer = processing_class
         self.preparation: dict[str, PreparationReport] = {}
         if train_dataset is not None:
-            train_dataset = self.prepare_dataset(train_dataset, "train")
+            train_dataset = self._prepare_for(model, train_dataset, "train")
             if packing:  # best-fit rows, see sft_plugins.packing
                 train_dataset = pack_prepared(train_dataset,
                                               packing_max_length or self.collator.max_length)
                 if model is not None:
                     attend_packed_rows_by_example(_core_model(model))
         if isinstance(eval_dataset, Dataset):
-            eval_dataset = self.prepare_dataset(eval_dataset, "eval")
+            eval_dataset = self._prepare_for(model, eval_dataset, "eval")
         elif isinstance(eval_dataset, Mapping):
-            eval_dataset = {k: self.prepare_dataset(v, f"eval-{k}")
+            eval_dataset = {k: self._prepare_for(model, v, f"eval-{k}")
                             for k, v in eval_dataset.items()}
         if data_collator is None:
             if self.collator.pad_token_id is None and processing_class is not None:
@@ -231,6 +231,28 @@ class SFTPluginTrainer(Trainer):
         logger.warning("%s: %s; %s", split, prepared.report.summary(),
                        trained_token_summary(prepared.dataset))
         return prepared.dataset
+
+    def _prepare_for(self, model: Any, dataset: Dataset, split: str) -> Dataset:
+        """``prepare_dataset``, then stop before training on a token id the model cannot embed
+        (a tokenizer that is not the model's): the first forward would fail mid-training with
+        an index error."""
+        prepared = self.prepare_dataset(dataset, split)
+        core = _core_model(model) if model is not None else None
+        embedding = core.get_input_embeddings() if hasattr(core, "get_input_embeddings") else None
+        rows = getattr(embedding, "num_embeddings", None)
+        if rows is None or not len(prepared):
+            return prepared
+        ids = prepared.data.column("input_ids")
+        tokens = pc.list_flatten(ids)
+        first = pc.index(pc.greater_equal(tokens, rows), True).as_py()
+        if first >= 0:
+            raise ModelLoadError(
+                f"{split} example {pc.list_parent_indices(ids)[first].as_py()} has token id "
+                f"{tokens[first].as_py()}, but the model's input embedding has {rows} rows: the "
+                "tokenizer is not this model's. Use the model's own tokenizer "
+                "(--tokenizer_name_or_path), or grow the embedding to the tokenizer first "
+                "(model.resize_token_embeddings(len(tokenizer)))")
+        return prepared
 
     def loss_weight_total(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """``sum(w)`` of one micro-batch, on the shifted targets the loss uses."""

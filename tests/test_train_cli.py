@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 from click.testing import CliRunner
-from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from sft_plugins.cli import main
 from sft_plugins.commands.chat import load_for_chat
@@ -112,6 +112,24 @@ def test_errors_are_printed_verbatim_brackets_included(chat_model_dir, chat_data
     assert result.exit_code == 2, result.output
     assert ("--load_in_4bit needs bitsandbytes, which is not installed: "
             "pip install 'sft-plugins[qlora]'") in result.output
+
+
+def test_a_tokenizer_the_model_cannot_embed_is_refused_before_training(
+        chat_model_dir, chat_data_file, tmp_path):
+    """A model of 300 embedding rows given the 2 304-token tokenizer: one error naming the
+    example and the token, instead of an index error at the first step."""
+    small = tmp_path / "small"
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1)).save_pretrained(small)
+    args = base_args(small, chat_data_file, tmp_path / "out", "--tokenizer_name_or_path",
+                     str(chat_model_dir))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert re.search(r"train example 0 has token id \d+, but the model's input embedding has "
+                     r"300 rows: the tokenizer is not this model's", result.output)
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 
 def test_tokenizer_without_template_needs_one(chat_model_dir, chat_data_file, tmp_path):
