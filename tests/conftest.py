@@ -19,6 +19,8 @@ from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+pytest_plugins = ["pytester", "skip_policy"]  # skip_policy.py, beside this file
+
 DistributionMaker = Callable[..., Path]
 
 

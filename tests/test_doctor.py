@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from click.testing import CliRunner
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -15,8 +14,8 @@ from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 from sft_plugins.cli import main
 from sft_plugins.testing import plugin_manager
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "chat_templates"
-pytestmark = pytest.mark.skipif(not REFERENCE.is_dir(), reason="no official templates")
+OFFICIAL_TEMPLATES = Path(__file__).parent / "fixtures" / "official_templates"
+"""The publishers' templates, byte for byte (provenance in its README.md)."""
 
 
 def tokenizer_dir(root: Path, template: str | None, *, pad: str | None = None) -> Path:
@@ -41,7 +40,7 @@ def codes(report: dict[str, Any]) -> set[str]:
 
 def test_day_one_llama_3_1_is_reported_and_fixed(tmp_path: Path) -> None:
     day_one = tokenizer_dir(tmp_path / "day_one",
-                            (REFERENCE / "llama3_1_day_one.jinja").read_text())
+                            (OFFICIAL_TEMPLATES / "llama3_1_day_one.jinja").read_text())
     status, report = doctor(str(day_one))
     assert status == 1
     assert report["family"] == "llama-3.1" and "day-one" in report["version"]
@@ -63,14 +62,15 @@ def test_day_one_llama_3_1_is_reported_and_fixed(tmp_path: Path) -> None:
 
 
 def test_terminal_report_names_the_problems(tmp_path: Path) -> None:
-    day_one = tokenizer_dir(tmp_path / "d", (REFERENCE / "llama3_1_day_one.jinja").read_text())
+    day_one = tokenizer_dir(tmp_path / "d",
+                            (OFFICIAL_TEMPLATES / "llama3_1_day_one.jinja").read_text())
     result = CliRunner().invoke(main, ["doctor", str(day_one)])
     assert result.exit_code == 1
     assert "ignores-add-generation-prompt" in result.output and "→" in result.output
 
 
 def test_pad_equal_to_end_of_turn_is_reported(tmp_path: Path) -> None:
-    directory = tokenizer_dir(tmp_path / "p", (REFERENCE / "llama3_1.jinja").read_text(),
+    directory = tokenizer_dir(tmp_path / "p", (OFFICIAL_TEMPLATES / "llama3_1.jinja").read_text(),
                               pad="<|eot_id|>")
     status, report = doctor(str(directory))
     assert status == 1
@@ -81,7 +81,7 @@ def test_pad_equal_to_end_of_turn_is_reported(tmp_path: Path) -> None:
 
 
 def test_a_modified_template_is_shown_as_a_diff(tmp_path: Path) -> None:
-    official = (REFERENCE / "llama3_1.jinja").read_text()
+    official = (OFFICIAL_TEMPLATES / "llama3_1.jinja").read_text()
     changed = official.replace("Cutting Knowledge Date: December 2023",
                                "Cutting Knowledge Date: March 2025")
     status, report = doctor(str(tokenizer_dir(tmp_path / "m", changed)))

@@ -16,8 +16,8 @@ from sft_plugins.errors import ConversationError, TemplateError
 from sft_plugins.templates import ChatTemplate, strip_message_markers
 from sft_plugins.testing import plugin_manager
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "chat_templates"
-needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="no official templates")
+OFFICIAL_TEMPLATES = Path(__file__).parent / "fixtures" / "official_templates"
+"""The publishers' templates, byte for byte (provenance in its README.md)."""
 
 CHAT = [
     {"role": "system", "content": " Be brief. "},
@@ -197,10 +197,9 @@ def test_configure_tokenizer_never_pads_with_end_of_turn(tokenizer: Any) -> None
 
 # ------------------------------------------------------------------- unknown templates
 
-@needs_reference
 def test_unknown_templates_get_spans_by_prefix_diffing(llama: ChatTemplate,
                                                        tokenizer: Any) -> None:
-    tokenizer.chat_template = (REFERENCE / "llama3_1.jinja").read_text()
+    tokenizer.chat_template = (OFFICIAL_TEMPLATES / "llama3_1.jinja").read_text()
     unknown = ChatTemplate.from_tokenizer(tokenizer)
     ours, theirs = llama.render(CHAT), unknown.render(CHAT)
     assert theirs.text == ours.text
@@ -209,9 +208,8 @@ def test_unknown_templates_get_spans_by_prefix_diffing(llama: ChatTemplate,
         [(m.start, m.end) for m in ours.messages][1:]
 
 
-@needs_reference
 def test_day_one_template_cannot_be_diffed_and_says_where(tokenizer: Any) -> None:
-    tokenizer.chat_template = (REFERENCE / "llama3_1_day_one.jinja").read_text()
+    tokenizer.chat_template = (OFFICIAL_TEMPLATES / "llama3_1_day_one.jinja").read_text()
     with pytest.raises(TemplateError, match=r"message 0: .* not render as a prefix"):
         ChatTemplate.from_tokenizer(tokenizer).render(CHAT)
 
@@ -237,7 +235,6 @@ def test_strip_message_markers_removes_what_trim_blocks_ate() -> None:
 
 # ------------------------------------------------------------------------- detection
 
-@needs_reference
 @pytest.mark.parametrize(("filename", "family"), [
     ("llama3_1.jinja", "llama-3.1"), ("llama3_1_day_one.jinja", "llama-3.1"),
     ("llama3.jinja", "llama-3"), ("llama3_2.jinja", "llama-3.2"), ("qwen2_5.jinja", "qwen2.5"),
@@ -246,14 +243,13 @@ def test_strip_message_markers_removes_what_trim_blocks_ate() -> None:
 ])
 def test_detection_by_fingerprint(manager: Any, tokenizer: Any, filename: str,
                                   family: str) -> None:
-    tokenizer.chat_template = (REFERENCE / filename).read_text()
+    tokenizer.chat_template = (OFFICIAL_TEMPLATES / filename).read_text()
     assert manager.select_chat_template(tokenizer).name == family
 
 
-@needs_reference
 def test_detecting_the_day_one_template_warns_about_its_bug(
         manager: Any, tokenizer: Any, caplog: pytest.LogCaptureFixture) -> None:
-    tokenizer.chat_template = (REFERENCE / "llama3_1_day_one.jinja").read_text()
+    tokenizer.chat_template = (OFFICIAL_TEMPLATES / "llama3_1_day_one.jinja").read_text()
     with caplog.at_level("WARNING"):
         assert manager.select_chat_template(tokenizer).name == "llama-3.1"
     assert "day-one" in caplog.text and "add_generation_prompt=False" in caplog.text

@@ -29,7 +29,8 @@ from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 from sft_plugins.templates import ChatTemplate, RenderedConversation
 from sft_plugins.testing import plugin_manager
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "chat_templates"
+OFFICIAL_TEMPLATES = Path(__file__).parent / "fixtures" / "official_templates"
+"""The publishers' templates, byte for byte (provenance in its README.md)."""
 PARITY_EXAMPLES = 200
 
 CHATML_REFERENCE = (
@@ -44,9 +45,6 @@ OFFICIAL = {
     "qwen2.5": "qwen2_5.jinja", "qwen3": "qwen3.jinja", "gemma-3": "gemma3.jinja",
     "phi-3.5": "phi3_5.jinja", "deepseek-v3": "deepseekv3.jinja",
 }
-
-pytestmark = pytest.mark.skipif(not REFERENCE.is_dir(),
-                                reason=f"official templates not found in {REFERENCE}")
 
 PARITY = settings(max_examples=PARITY_EXAMPLES, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -64,7 +62,9 @@ def templates() -> dict[str, ChatTemplate]:
 
 
 def official_source(name: str) -> str:
-    return CHATML_REFERENCE if name == "chatml" else (REFERENCE / OFFICIAL[name]).read_text()
+    if name == "chatml":
+        return CHATML_REFERENCE
+    return (OFFICIAL_TEMPLATES / OFFICIAL[name]).read_text()
 
 
 # --------------------------------------------------------------------------- strategies
@@ -252,10 +252,10 @@ def test_every_registered_family_has_a_parity_test(templates: dict[str, ChatTemp
 
 def test_fingerprints_match_the_official_texts(templates: dict[str, ChatTemplate]) -> None:
     for family, filename in OFFICIAL.items():
-        found = templates[family].recognise((REFERENCE / filename).read_text())
+        found = templates[family].recognise((OFFICIAL_TEMPLATES / filename).read_text())
         assert found is not None and not found.bugs, family
     day_one = templates["llama-3.1"].recognise(
-        (REFERENCE / "llama3_1_day_one.jinja").read_text())
+        (OFFICIAL_TEMPLATES / "llama3_1_day_one.jinja").read_text())
     assert day_one is not None and day_one.bugs
 
 
