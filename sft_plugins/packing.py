@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
+from sft_plugins.arrow_rows import visible_rows
 from sft_plugins.errors import DataError, MaskingError
 from sft_plugins.masking import IGNORE_INDEX, pad_batch
 
@@ -135,7 +136,7 @@ def pack_dataset(dataset: Dataset, max_length: int) -> tuple[Dataset, PackingRep
         raise DataError(f"packing needs prepared rows with input_ids and labels; missing "
                         f"{', '.join(missing)}. Prepare the data set with the collator first")
     columns = [c for c in PACKED_COLUMNS if c in dataset.column_names]
-    table = dataset.with_format(None).data
+    table = visible_rows(dataset)
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
     bins = best_fit_decreasing(lengths.tolist(), max_length)
     order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(lengths))

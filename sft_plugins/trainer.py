@@ -38,6 +38,7 @@ from transformers import Trainer
 from transformers.modeling_utils import unwrap_model
 from transformers.trainer_utils import unwrap_peft_model
 
+from sft_plugins.arrow_rows import visible_rows
 from sft_plugins.attention import attend_packed_rows_by_example
 from sft_plugins.callbacks import PerturberCallback
 from sft_plugins.errors import LaunchError, ModelLoadError
@@ -242,7 +243,7 @@ class SFTPluginTrainer(Trainer):
         rows = getattr(embedding, "num_embeddings", None)
         if rows is None or not len(prepared):
             return prepared
-        ids = prepared.data.column("input_ids")
+        ids = visible_rows(prepared).column("input_ids")
         tokens = pc.list_flatten(ids)
         first = pc.index(pc.greater_equal(tokens, rows), True).as_py()
         if first >= 0:
@@ -379,7 +380,7 @@ def with_variables(template: ChatTemplate, options: Mapping[str, Any]) -> ChatTe
 
 def trained_token_summary(dataset: Dataset) -> str:
     """Tokens, trained tokens and trained fraction of a prepared data set, read from Arrow."""
-    labels = pc.list_flatten(dataset.data.column("labels"))
+    labels = pc.list_flatten(visible_rows(dataset).column("labels"))
     total = len(labels)
     trained = total - pc.sum(pc.equal(labels, -100)).as_py() if total else 0
     fraction = trained / total if total else 0.0

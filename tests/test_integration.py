@@ -143,3 +143,39 @@ def test_noise_spares_the_prompt_when_asked(tmp_path):
     trained = batch["labels"] != -100
     assert changed.any()
     assert not (changed & ~trained[:, : changed.shape[1]]).any()
+
+
+def test_packing_after_a_skipped_example_trains_only_the_kept_ones(tmp_path):
+    """Preparation drops a skipped example with Dataset.filter, which leaves the row under an
+    indices mapping; packing, the embedding check and the token summary must not see it."""
+
+    tokenizer, model = tiny_model_and_tokenizer()
+    empty = {"prompt": [{"role": "user", "content": "Sort the letters: z y"}],
+             "completion": [{"role": "assistant", "content": ""}]}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[],
+                             use_cpu=True, save_strategy="no")
+    trainer = SFTPluginTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list([CONVERSATIONS[0], empty,
+                                                                 CONVERSATIONS[1]]),
+        processing_class=tokenizer, template="llama-3.1", collator="completion-only",
+        collator_options={"on_invalid": "skip", "max_length": 256}, packing=True)
+    assert trainer.preparation["train"].kept == 2
+    [row] = list(trainer.train_dataset)
+    text = tokenizer.decode(row["input_ids"])
+    assert "c a b" in text and "q p r z x y" in text and "z y" not in text
+    trainer.train()
+
+
+def test_the_embedding_check_and_summary_read_only_the_rows_of_a_view():
+    from sft_plugins.trainer import trained_token_summary
+
+    rows = Dataset.from_dict({"input_ids": [[1, 2], [10**6, 7], [3]],
+                              "labels": [[-100, 2], [10**6, 7], [3]]})
+    view = rows.select([0, 2])
+    assert trained_token_summary(view) == "3 tokens, 2 trained (66.7%)"
+    tokenizer, model = tiny_model_and_tokenizer()
+    trainer = SFTPluginTrainer(model=model, args=TrainingArguments("unused", report_to=[],
+                                                                   use_cpu=True),
+                               train_dataset=view, processing_class=tokenizer,
+                               template="llama-3.1")
+    assert len(trainer.train_dataset) == 2

@@ -205,3 +205,32 @@ def test_trainer_with_packing_gives_the_unpacked_step_loss(tmp_path):
         if packing:
             assert len(rows) < len(conversations)
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=20), data=st.data())
+def test_views_pack_exactly_their_own_rows(lengths, data):
+    """filter/select/shuffle/train_test_split leave the whole table under an indices mapping;
+    packing must read the rows the view holds, never the table's."""
+    rows = make_rows(lengths, weighted=True)
+    for index, row in enumerate(rows):
+        row["input_ids"][0] = 3 + index  # tells the examples apart
+    full = Dataset.from_list(rows)
+    keep = data.draw(st.lists(st.sampled_from(range(len(rows))), unique=True))
+    views = {"select": full.select(keep),
+             "filter": full.filter(lambda r: r["input_ids"][0] - 3 in set(keep)),
+             "shuffle": full.shuffle(seed=data.draw(st.integers(0, 99)))}
+    if len(rows) >= 2:
+        views["split"] = full.train_test_split(test_size=1, seed=0)["train"]
+    for name, view in views.items():
+        packed, report = pack_dataset(view, 40)
+        firsts = sorted(row["input_ids"][cut][0] for row in packed for cut in segments(row))
+        assert firsts == sorted(r["input_ids"][0] for r in view), name
+        assert report.tokens == sum(len(r["input_ids"]) for r in view), name
+
+
+def test_a_filtered_out_row_is_never_packed():
+    full = Dataset.from_dict({"input_ids": [[1, 2, 3], [9, 9, 9], [4, 5]],
+                              "labels": [[1, 2, 3], [9, 9, 9], [4, 5]]})
+    packed, _ = pack_dataset(full.filter(lambda r: r["input_ids"][0] != 9), 10)
+    assert packed["input_ids"] == [[1, 2, 3, 4, 5]]
