@@ -521,18 +521,25 @@ class MaskingCollator:
     # -- preparation --------------------------------------------------------------------
 
     def resolve_pad_token_id(self, tokenizer: Any, template: ChatTemplate | None) -> int:
-        """The pad token id: the option, else the template's pad token, else the tokenizer's;
-        an error if there is none or it is the end-of-sequence token."""
+        """The pad token id: the option, else the template's pad token, else the tokenizer's.
+
+        An error if there is none, or if it is the token that ends a trained turn (the
+        template's end of turn; without a template, the tokenizer's end of sequence): labels
+        here follow positions, but any code that masks labels by pad id would then hide the
+        stop token. A pad equal to an end of sequence that is not the end of turn is accepted
+        (Phi-3.5 ships ``pad_token == eos_token == "<|endoftext|>"``), as
+        :meth:`ChatTemplate.configure_tokenizer` accepts it.
+        """
         token = self.pad_token or (template.pad_token if template is not None else None)
         token = token or tokenizer.pad_token
         if token is None:
             raise MaskingError(f"collator {self.name!r}: no pad token (the template and the "
                                "tokenizer have none); pass pad_token=<an unused special token>")
-        ends = {tokenizer.eos_token, getattr(template, "eos_token", None),
-                getattr(template, "end_of_turn", None)}
-        if token in ends - {None}:
+        end = ((template.end_of_turn or template.eos_token) if template is not None
+               else tokenizer.eos_token)
+        if token == end:
             raise MaskingError(f"collator {self.name!r}: the pad token {token!r} is the "
-                               "end-of-sequence token, which the model must learn to produce; "
+                               "end-of-turn token, which the model must learn to produce; "
                                "pass pad_token=<an unused special token>")
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == getattr(tokenizer, "unk_token_id", object()):

@@ -10,6 +10,8 @@ CHATML = ChatTemplate(
     description="Plain ChatML: <|im_start|>role\\ncontent<|im_end|>, any system placement.",
     source=load("chatml.jinja"),
     eos_token="<|im_end|>", end_of_turn="<|im_end|>", stop_tokens=("<|im_end|>",),
+    # ChatML defines no pad token; these are what ChatML models commonly ship (Qwen, SmolLM)
+    pad_fallbacks=("<|endoftext|>", "<pad>", "<|pad|>"),
     system="anywhere",
 )
 
