@@ -535,12 +535,12 @@ class MaskingCollator:
         if token is None:
             raise MaskingError(f"collator {self.name!r}: no pad token (the template and the "
                                "tokenizer have none); pass pad_token=<an unused special token>")
-        end = ((template.end_of_turn or template.eos_token) if template is not None
-               else tokenizer.eos_token)
+        end = ((getattr(template, "end_of_turn", None) or getattr(template, "eos_token", None))
+               if template is not None else tokenizer.eos_token)
         if token == end:
-            raise MaskingError(f"collator {self.name!r}: the pad token {token!r} is the "
-                               "end-of-turn token, which the model must learn to produce; "
-                               "pass pad_token=<an unused special token>")
+            raise MaskingError(f"collator {self.name!r}: the pad token {token!r} ends a trained "
+                               "turn (the end-of-turn/end-of-sequence token the model must "
+                               "learn to produce); pass pad_token=<an unused special token>")
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == getattr(tokenizer, "unk_token_id", object()):
             raise MaskingError(f"collator {self.name!r}: pad token {token!r} is not in the "
