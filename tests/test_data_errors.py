@@ -392,3 +392,43 @@ def test_hub_names_go_to_load_dataset(monkeypatch: pytest.MonkeyPatch, tmp_path:
 def test_bad_options(cache: str, options: dict[str, Any], expected: str) -> None:
     with pytest.raises(DataError, match=expected):
         load_sft_dataset(Dataset.from_list([chat()]), **options)
+
+
+@pytest.mark.parametrize(("line", "key"), [
+    ('{"messages": [{"role": "user", "content": "a"}], "messages": []}', "messages"),
+    ('{"messages": [{"role": "user", "content": "a", "content": "b"}, '
+     '{"role": "assistant", "content": "c"}]}', "content"),
+])
+def test_a_key_given_twice_is_refused_naming_the_line(tmp_path: Path, cache: str, line: str,
+                                                      key: str) -> None:
+    with pytest.raises(DataError, match=rf"data\.jsonl:3: .*the key '{key}' appears twice"):
+        load_sft_dataset(one_bad(tmp_path, line), cache_dir=cache)
+    skipped = load_sft_dataset(one_bad(tmp_path, line), cache_dir=cache,
+                               on_bad_example="skip")
+    assert len(skipped.train) == 3
+
+
+def test_a_key_given_twice_in_a_json_array_is_refused(tmp_path: Path, cache: str) -> None:
+    path = tmp_path / "data.json"
+    path.write_text('[{"text": "a"}, {"text": "b", "text": "c"}]')
+    with pytest.raises(DataError, match=r"data\.json: not valid JSON .*'text' appears twice"):
+        load_sft_dataset(path, cache_dir=cache)
+
+
+@pytest.mark.parametrize(("encoding", "name"), [
+    ("utf-16", "UTF-16 (little-endian)"), ("utf-16-be", "UTF-16 or UTF-32"),
+    ("utf-32", "UTF-32 (little-endian)")])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_file_not_in_utf8_is_refused_once_naming_its_encoding(
+        tmp_path: Path, cache: str, encoding: str, name: str, suffix: str) -> None:
+    rows = [chat(), chat("Two?"), chat("Three?")]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".csv":
+        text = "prompt,completion\n" + "".join(f"q{i},a{i}\n" for i in range(3))
+    else:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_bytes(text.encode(encoding))
+    for mode in ("error", "skip"):
+        with pytest.raises(DataError, match=rf"data\{suffix}: the file is encoded as "
+                                            rf"{re.escape(name)}.*expected UTF-8"):
+            load_sft_dataset(path, cache_dir=cache, on_bad_example=mode)

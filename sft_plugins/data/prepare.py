@@ -45,7 +45,7 @@ from sft_plugins.data.schema import (
     features_for,
     messages_from_row,
 )
-from sft_plugins.data.sources import RAW, Piece, Source, load_pieces, rename
+from sft_plugins.data.sources import RAW, Piece, Source, load_pieces, loads_strict, rename
 from sft_plugins.data.summary import MAX_SAMPLES, DataSummary, SplitSummary
 from sft_plugins.errors import DataError, TemplateError
 
@@ -353,7 +353,7 @@ class _Canonicaliser:
         if not self.raw:
             return {self.column_map.get(k, k): v[position] for k, v in batch.items()}
         try:
-            value = json.loads(batch[RAW][position])
+            value = loads_strict(batch[RAW][position])
         except UnicodeDecodeError:
             raise BadExample("invalid_json", "(line)", "the line is not valid UTF-8",
                              "one JSON object per line, UTF-8 encoded") from None

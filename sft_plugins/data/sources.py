@@ -26,6 +26,7 @@ import io
 import json
 import os
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,46 @@ def data_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (``json`` would keep the last value in silence)."""
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        counts = Counter(key for key, _ in pairs)
+        twice = next(key for key, count in counts.items() if count > 1)
+        raise DuplicateKeyError(f"the key {twice!r} appears twice in one object")
+    return value
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """``json.loads`` that refuses an object with a repeated key and bytes that are not UTF-8
+    (``json.loads`` on bytes would also take UTF-16 and UTF-32)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    return json.loads(text, object_pairs_hook=_object_without_duplicate_keys)
+
+
+_BYTE_ORDER_MARKS = ((b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+                     (b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"),
+                     (b"\xfe\xff", "UTF-16 (big-endian)"), (b"\xff\xfe", "UTF-16 (little-endian)"))
+
+
+def _check_text_encoding(path: Path) -> None:
+    """Refuse, once for the whole file, text in an encoding other than UTF-8: split into lines
+    as bytes, UTF-16 would otherwise be one readable first line and garbage after it."""
+    with _open(path) as handle:
+        head = handle.read(4096)
+    encoding = next((name for mark, name in _BYTE_ORDER_MARKS if head.startswith(mark)), None)
+    if encoding is None and b"\x00" in head:
+        encoding = "UTF-16 or UTF-32 (NUL bytes, no byte-order mark)"
+    if encoding is not None:
+        raise DataError(f"{path}: the file is encoded as {encoding}; expected UTF-8. Convert it "
+                        f"first, e.g. iconv -f UTF-16 -t UTF-8 {path.name} > "
+                        f"{path.stem}.utf8{path.suffix}")
+
+
 def _open(path: Path) -> BinaryIO:
     """The file's bytes, decompressed when its name ends in ``.gz``."""
     if path.suffix.lower() == ".gz":
@@ -161,6 +202,8 @@ def _read_file(path: Path, cache_dir: str | None) -> Piece:
                         f"{', '.join(SUFFIXES)}")
     if path.stat().st_size == 0 or not _has_content(path):
         raise DataError(f"{path}: the file is empty; expected at least one example")
+    if suffix != ".parquet":
+        _check_text_encoding(path)
     if suffix in JSON_LINES_SUFFIXES:
         return _json_lines(path, cache_dir)
     if suffix == ".json":
@@ -223,8 +266,8 @@ def _is_json_lines(path: Path) -> bool:
                 if line.lstrip().startswith(b"["):
                     return False
                 try:
-                    json.loads(line)
-                except ValueError:
+                    loads_strict(line)
+                except ValueError:  # UnicodeDecodeError and DuplicateKeyError too
                     return False
                 return True
     return False
@@ -301,7 +344,7 @@ def _first_object(path: Path) -> dict[str, Any] | None:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = loads_strict(line)
             except ValueError:
                 value = None
             if isinstance(value, dict):
@@ -315,7 +358,7 @@ def _first_object(path: Path) -> dict[str, Any] | None:
 def _json_array(path: Path, cache_dir: str | None) -> Piece:
     try:
         with _open(path) as handle:
-            value = json.load(handle)
+            value = loads_strict(handle.read())
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); expected a JSON array of examples or "
                         "JSON Lines (one example per line)") from None
