@@ -203,3 +203,40 @@ def test_lora_adapter_is_saved_with_the_templates_stop_tokens(chat_model_dir, ch
     _, loaded = load_for_chat(out)
     assert end_of_turn in loaded.generation_config.eos_token_id
     assert GenerationConfig.from_pretrained(base).eos_token_id == end_of_text
+
+
+@pytest.mark.parametrize(("extra", "flag"), [
+    (["--num_train_epochs", "0", "--max_steps", "-1"], "--num_train_epochs"),
+    (["--max_steps", "0"], "--max_steps"),
+    (["--save_steps", "-1"], "--save_steps"),
+    (["--save_steps", "0"], "--save_steps"),
+    (["--logging_steps", "0"], "--logging_steps"),
+    (["--learning_rate", "-0.001"], "--learning_rate"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
+    (["--logits_chunk_size", "0"], "--logits_chunk_size"),
+    (["--max_length", "0"], "--max_length"),
+    (["--report_to", "nosuchtool"], "--report_to nosuchtool"),
+    (["--warmup_steps", "-1"], "warmup_steps"),
+    (["--learning_rat", "0.1"], "--learning_rat"),
+    (["--max_steps", "four"], "--max_steps"),
+    (["--bf16", "maybe"], "--bf16"),
+])
+def test_bad_training_flags_are_one_line_before_anything_loads(tmp_path, extra, flag):
+    """The model directory does not exist: the flag is refused before it is looked for."""
+    out = tmp_path / "out"
+    args = ["train", "--model_name_or_path", str(tmp_path / "no-model"), "--dataset",
+            str(tmp_path / "no-data.jsonl"), "--output_dir", str(out), *extra]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], lines
+    assert not out.exists()
+
+
+def test_a_config_key_is_never_abbreviated(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rat: 0.1\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(config), "--model_name_or_path",
+                                       "m", "--dataset", "d.jsonl", "--output_dir", "o"])
+    assert result.exit_code == 2 and "--learning_rat" in result.output

@@ -129,15 +129,75 @@ def typed_options(factory: Any, raw: Mapping[str, str], where: str) -> dict[str,
     return typed
 
 
-def parse(argv: Sequence[str]) -> tuple[Any, ...]:
-    """(model, data, plugin, training arguments, plugin options by kind) from ``argv``."""
+def _positive(value: float | None) -> bool:
+    return value is not None and value > 0
+
+
+def check_arguments(model_args: Any, data_args: Any, plugin_args: Any,
+                    training_args: Any) -> None:
+    """Refuse, before anything is loaded, values that transformers accepts and then trains
+    wrongly with or crashes on (``--num_train_epochs 0`` saving an untrained model, a zero batch
+    size dividing by zero at step 1, ...). Each error names the flag."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    args = training_args
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ConfigError(f"--max_steps {args.max_steps}: give a positive number of steps, or "
+                          "-1 to train --num_train_epochs")
+    if args.max_steps == -1 and not _positive(args.num_train_epochs):
+        raise ConfigError(f"--num_train_epochs {args.num_train_epochs}: nothing would be "
+                          "trained; give a positive number of epochs (or --max_steps)")
+    if args.learning_rate < 0:
+        raise ConfigError(f"--learning_rate {args.learning_rate}: a negative learning rate "
+                          "climbs the loss; give a positive one")
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    for flag, strategy in (("save_steps", "save_strategy"), ("logging_steps", "logging_strategy"),
+                           ("eval_steps", "eval_strategy")):
+        value, every = getattr(args, flag), getattr(args, strategy)
+        if getattr(every, "value", every) == "steps" and value is not None \
+                and not _positive(value):
+            raise ConfigError(f"--{flag} {value}: with --{strategy} steps it must be a "
+                              "positive number of steps (or a fraction of training below 1)")
+    unknown = [name for name in args.report_to or []
+               if name not in ("all", "none") and name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise ConfigError(f"--report_to {' '.join(unknown)}: unknown; use none, all or some of "
+                          f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+    if plugin_args.logits_chunk_size < 1:
+        raise ConfigError(f"--logits_chunk_size {plugin_args.logits_chunk_size}: must be at "
+                          "least 1")
+    if plugin_args.max_length is not None and plugin_args.max_length < 1:
+        raise ConfigError(f"--max_length {plugin_args.max_length}: must be at least 1")
+
+
+def _parser() -> Any:
     from transformers import HfArgumentParser, TrainingArguments
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, PluginArguments,
-                               TrainingArguments))
-    model_args, data_args, plugin_args, training_args, remaining = \
-        parser.parse_args_into_dataclasses(args=split_config(argv),
-                                           return_remaining_strings=True)
+    class Parser(HfArgumentParser):
+        """argparse's own errors become one line naming the flag (no usage block), and flags
+        are never abbreviated: ``--learning_rat`` is an error, not ``--learning_rate``."""
+
+        def error(self, message: str) -> typing.NoReturn:
+            raise ConfigError(message)
+
+    return Parser((ModelArguments, DataArguments, PluginArguments, TrainingArguments),
+                  prog="sft-plugins train", allow_abbrev=False)
+
+
+def parse(argv: Sequence[str]) -> tuple[Any, ...]:
+    """(model, data, plugin, training arguments, plugin options by kind) from ``argv``."""
+    try:
+        model_args, data_args, plugin_args, training_args, remaining = \
+            _parser().parse_args_into_dataclasses(args=split_config(argv),
+                                                  return_remaining_strings=True)
+    except (ValueError, TypeError) as exc:  # TrainingArguments.__post_init__'s own checks
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"invalid training arguments: {exc}") from None
+    check_arguments(model_args, data_args, plugin_args, training_args)
     return model_args, data_args, plugin_args, training_args, plugin_options(remaining)
 
 
@@ -155,9 +215,6 @@ def train_command(ctx: click.Context) -> None:
     """Fine-tune a model: every TrainingArguments flag, plus model, data and plugin flags
     (--help lists them all)."""
     if any(a in ("-h", "--help") for a in ctx.args):
-        from transformers import HfArgumentParser, TrainingArguments
-
-        HfArgumentParser((ModelArguments, DataArguments, PluginArguments, TrainingArguments),
-                         prog="sft-plugins train").print_help()
+        _parser().print_help()
         return
     run(ctx.args)
