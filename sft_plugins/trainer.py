@@ -41,7 +41,7 @@ from transformers.trainer_utils import unwrap_peft_model
 from sft_plugins.arrow_rows import visible_rows
 from sft_plugins.attention import attend_packed_rows_by_example
 from sft_plugins.callbacks import PerturberCallback
-from sft_plugins.errors import LaunchError, ModelLoadError
+from sft_plugins.errors import DataError, LaunchError, ModelLoadError
 from sft_plugins.loss import (
     FAST_PATH_MODEL_TYPES,
     TokenLoss,
@@ -52,7 +52,7 @@ from sft_plugins.loss import (
     softcap_of,
 )
 from sft_plugins.manager import PluginManager, get_plugin_manager
-from sft_plugins.masking import MaskingCollator, PreparationReport
+from sft_plugins.masking import IGNORE_INDEX, MaskingCollator, PreparationReport
 from sft_plugins.packing import PackedCollator, pack_prepared
 from sft_plugins.perturb import Perturber
 from sft_plugins.templates import ChatTemplate
@@ -219,16 +219,25 @@ class SFTPluginTrainer(Trainer):
     def prepare_dataset(self, dataset: Dataset, split: str) -> Dataset:
         """Tokenize and mask ``dataset`` once, before step 1; report what was kept and skipped.
 
-        Rows that already carry ``input_ids`` are taken as prepared.
+        Rows that already carry ``input_ids`` and ``labels`` are taken as prepared; rows with
+        ``input_ids`` and a 0/1 ``assistant_masks`` or ``completion_mask`` (TRL's pre-tokenized
+        columns) get ``labels`` from it; ``input_ids`` alone is refused.
         """
         if "input_ids" in dataset.column_names:
-            return dataset
+            return labels_from_token_masks(dataset, split)
         if self._tokenizer is None:
             raise TypeError("SFTPluginTrainer needs processing_class (the tokenizer) to "
                             "prepare a data set of conversations")
         prepared = self.collator.prepare(dataset, self._tokenizer, self.chat_template,
                                          num_proc=self.dataset_num_proc)
         self.preparation[split] = prepared.report
+        report = prepared.report
+        if report.total and not report.kept:
+            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(report.skipped.items()))
+            first = f"; the first: {report.first_skips[0]}" if report.first_skips else ""
+            raise DataError(f"{split}: preparation kept none of the {report.total} examples "
+                            f"(skipped: {counts}{first}), so there is nothing to train on. "
+                            "Raise max_length, or change the collator's truncation rule")
         logger.warning("%s: %s; %s", split, prepared.report.summary(),
                        trained_token_summary(prepared.dataset))
         return prepared.dataset
@@ -298,6 +307,22 @@ class SFTPluginTrainer(Trainer):
         finally:
             if self._perturber_callback is not None:
                 self._perturber_callback.remove()
+
+    def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``; a data set passed here is prepared as the one given at
+        construction was (conversations are tokenized and masked, prepared rows kept)."""
+        return super().evaluate(self._prepare_later(eval_dataset, "eval"), *args, **kwargs)
+
+    def predict(self, test_dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.predict``, preparing ``test_dataset`` first, as :meth:`evaluate` does."""
+        return super().predict(self._prepare_later(test_dataset, "test"), *args, **kwargs)
+
+    def _prepare_later(self, dataset: Any, split: str) -> Any:
+        if isinstance(dataset, Dataset):
+            return self._prepare_for(self.model, dataset, split)
+        if isinstance(dataset, Mapping):
+            return {k: self._prepare_later(v, f"{split}-{k}") for k, v in dataset.items()}
+        return dataset
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model``, plus what a trained directory needs to be used elsewhere.
@@ -372,6 +397,32 @@ class SFTPluginTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+TOKEN_MASK_COLUMNS = ("assistant_masks", "completion_mask")
+"""Pre-tokenized columns (TRL's names) whose 1s mark the tokens to learn."""
+
+
+def labels_from_token_masks(dataset: Dataset, split: str) -> Dataset:
+    """``dataset`` with ``labels``: kept when present, else ``input_ids`` where a token-mask
+    column is 1 and -100 elsewhere; a :class:`DataError` when neither column is there."""
+    columns = dataset.column_names
+    if "labels" in columns:
+        return dataset
+    mask = next((c for c in TOKEN_MASK_COLUMNS if c in columns), None)
+    if mask is None:
+        raise DataError(f"{split} rows have input_ids but no labels column; add labels (-100 "
+                        f"where nothing is learned) or a 0/1 {' or '.join(TOKEN_MASK_COLUMNS)} "
+                        "column, or pass conversations and let the collator tokenize them")
+
+    def label(row: dict[str, Any]) -> dict[str, Any]:
+        if len(row[mask]) != len(row["input_ids"]):
+            raise DataError(f"{split} rows: {mask} has {len(row[mask])} entries for "
+                            f"{len(row['input_ids'])} input_ids; they must be one per token")
+        return {"labels": [t if m else IGNORE_INDEX
+                           for t, m in zip(row["input_ids"], row[mask], strict=True)]}
+
+    return dataset.map(label, remove_columns=[mask], desc=f"{split}: labels from {mask}")
+
+
 def with_variables(template: ChatTemplate, options: Mapping[str, Any]) -> ChatTemplate:
     """``template`` rendering with ``options`` as default template variables (for example
     ``omit_knowledge_date=True`` or ``date_string`` for Llama 3.1)."""
@@ -387,4 +438,5 @@ def trained_token_summary(dataset: Dataset) -> str:
     return f"{total} tokens, {trained} trained ({fraction:.1%})"
 
 
-__all__ = ["PREPARATION_FILE", "SFTPluginTrainer", "trained_token_summary", "with_variables"]
+__all__ = ["PREPARATION_FILE", "SFTPluginTrainer", "labels_from_token_masks",
+           "trained_token_summary", "with_variables"]

@@ -179,3 +179,52 @@ def test_the_embedding_check_and_summary_read_only_the_rows_of_a_view():
                                train_dataset=view, processing_class=tokenizer,
                                template="llama-3.1")
     assert len(trainer.train_dataset) == 2
+
+
+def trainer_for(tmp_path, train, **kwargs):
+    tokenizer, model = tiny_model_and_tokenizer()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
+                             save_strategy="no", per_device_eval_batch_size=2)
+    return SFTPluginTrainer(model=model, args=args, train_dataset=train,
+                            processing_class=tokenizer, template="llama-3.1",
+                            collator="completion-only", **kwargs)
+
+
+def test_evaluate_and_predict_prepare_conversations_given_to_them(tmp_path):
+    trainer = trainer_for(tmp_path, Dataset.from_list(CONVERSATIONS))
+    raw = Dataset.from_list(CONVERSATIONS)
+    metrics = trainer.evaluate(eval_dataset=raw)
+    assert torch.isfinite(torch.tensor(metrics["eval_loss"]))
+    both = trainer.evaluate(eval_dataset={"a": raw, "b": raw.select([0])})
+    assert {"eval_a_loss", "eval_b_loss"} <= set(both)
+    prediction = trainer.predict(raw)
+    assert prediction.predictions is not None and "test_loss" in prediction.metrics
+
+
+def test_pre_tokenized_rows_get_labels_from_a_token_mask_or_are_refused(tmp_path):
+    from sft_plugins.errors import DataError
+
+    rows = {"input_ids": [[5, 6, 7, 8], [9, 10, 11]],
+            "assistant_masks": [[0, 0, 1, 1], [0, 1, 1]]}
+    trainer = trainer_for(tmp_path, Dataset.from_dict(rows))
+    assert trainer.train_dataset["labels"] == [[-100, -100, 7, 8], [-100, 10, 11]]
+    assert "assistant_masks" not in trainer.train_dataset.column_names
+    trainer.train()
+    completion = {"input_ids": [[5, 6]], "completion_mask": [[0, 1]]}
+    assert trainer_for(tmp_path, Dataset.from_dict(completion)).train_dataset["labels"] == [
+        [-100, 6]]
+    with pytest.raises(DataError, match="train rows have input_ids but no labels column"):
+        trainer_for(tmp_path, Dataset.from_dict({"input_ids": [[5, 6]]}))
+    with pytest.raises(DataError, match="assistant_masks has 1 entries for 2 input_ids"):
+        trainer_for(tmp_path, Dataset.from_dict({"input_ids": [[5, 6]],
+                                                 "assistant_masks": [[1]]}))
+
+
+def test_preparation_that_keeps_no_example_is_an_error_with_its_report(tmp_path):
+    from sft_plugins.errors import DataError
+
+    with pytest.raises(DataError, match=r"^train: preparation kept none of the 2 examples "
+                                        r"\(skipped: 2 too_long; the first: example 0: [^\n]*"
+                                        r"nothing to train on"):
+        trainer_for(tmp_path, Dataset.from_list(CONVERSATIONS),
+                    collator_options={"max_length": 8, "truncation": "drop"})
