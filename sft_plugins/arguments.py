@@ -80,6 +80,9 @@ class PluginArguments:
                 "attention kept within each example; see docs/packing.md."})
     logits_chunk_size: int = field(default=1024, metadata={
         "help": "Positions per lm_head chunk in the trained-positions-only loss."})
+    resume_incomplete: bool = field(default=False, metadata={
+        "help": "Resume even from a checkpoint without optimizer, scheduler or RNG state, or "
+                "never marked complete (the optimizer or noise then restart), with a warning."})
 
 
 __all__ = ["DataArguments", "ModelArguments", "PluginArguments"]

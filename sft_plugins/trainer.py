@@ -34,13 +34,20 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerState
 from transformers.modeling_utils import unwrap_model
-from transformers.trainer_utils import unwrap_peft_model
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    TrainOutput,
+    rotate_checkpoints,
+    unwrap_peft_model,
+)
 
 from sft_plugins.arrow_rows import visible_rows
 from sft_plugins.attention import attend_packed_rows_by_example
 from sft_plugins.callbacks import PerturberCallback
+from sft_plugins.checkpoints import CheckpointError, mark_complete, resolve_checkpoint
 from sft_plugins.errors import DataError, LaunchError, ModelLoadError
 from sft_plugins.loss import (
     FAST_PATH_MODEL_TYPES,
@@ -116,9 +123,15 @@ class SFTPluginTrainer(Trainer):
         full_logits: bool = False,
         packing: bool = False,
         packing_max_length: int | None = None,
+        resume_incomplete: bool = False,
         **kwargs: Any,
     ) -> None:
         self._check_launch(args)
+        self.resume_incomplete = resume_incomplete
+        """Resume from a checkpoint that lacks optimizer, scheduler or RNG state, or was never
+        marked complete, with a warning instead of an error."""
+        self.finished_before_start = False
+        """Set by :meth:`train` when the checkpoint resumed from had already finished the run."""
         self.plugin_manager = plugin_manager or get_plugin_manager()
         self.logits_chunk_size = logits_chunk_size
         self.full_logits = full_logits
@@ -294,19 +307,75 @@ class SFTPluginTrainer(Trainer):
 
     # ---- Trainer overrides ------------------------------------------------------------------
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any,
+              **kwargs: Any) -> Any:
         """``Trainer.train``, with the preparation report written to the output directory and
-        the perturber's hooks removed in a ``finally``, also when training raises."""
+        the perturber's hooks removed in a ``finally``, also when training raises.
+
+        ``resume_from_checkpoint=True`` (or ``"true"``) resumes from the newest *complete*
+        checkpoint of ``output_dir`` (:mod:`sft_plugins.checkpoints`), saying which newer ones
+        it passed over. A checkpoint without optimizer, scheduler or RNG state is refused unless
+        ``resume_incomplete=True``. A checkpoint at the run's last step trains nothing: the run
+        had finished (:attr:`finished_before_start`).
+        """
+        checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir,
+                                        accept_incomplete=self.resume_incomplete)
+        if checkpoint is not None:
+            finished = self._finished_at(checkpoint)
+            if finished is not None:
+                self.finished_before_start = True
+                logger.warning("%s: the run had finished (step %d of %s); nothing to train",
+                               checkpoint, finished.global_step, self.args.max_steps
+                               if self.args.max_steps > 0 else
+                               f"{self.args.num_train_epochs} epochs")
+                return finished
         if self.preparation and self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, PREPARATION_FILE), "w") as f:
                 json.dump({split: vars(report) for split, report in self.preparation.items()},
                           f, indent=2)
         try:
-            return super().train(*args, **kwargs)
+            return super().train(checkpoint, *args, **kwargs)
         finally:
             if self._perturber_callback is not None:
                 self._perturber_callback.remove()
+
+    def _finished_at(self, checkpoint: str) -> TrainOutput | None:
+        """A TrainOutput for a checkpoint that already reached the run's end, else ``None``."""
+        try:
+            state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{checkpoint}: its {TRAINER_STATE_NAME} cannot be read "
+                                  f"({exc}); resume from another checkpoint") from None
+        if self.args.max_steps > 0:
+            done = state.global_step >= self.args.max_steps
+        else:
+            done = (state.epoch or 0) >= self.args.num_train_epochs - 1e-9
+        if not done:
+            return None
+        self.state = state
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        return TrainOutput(state.global_step, losses[-1] if losses else float("nan"), {})
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """``Trainer._save_checkpoint``, then (once every rank has written its part) the
+        checkpoint is marked complete; older checkpoints are rotated away (``save_total_limit``)
+        only after that, so a kill at any moment leaves a complete checkpoint to resume from."""
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # the Trainer would rotate before the mark
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            mark_complete(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-"
+                                                f"{self.state.global_step}"),
+                          self.state.global_step)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint,
+                               use_mtime=True)
 
     def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
         """``Trainer.evaluate``; a data set passed here is prepared as the one given at

@@ -100,8 +100,14 @@ def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
         processing_class=tokenizer, template=template, collator=collator, perturber=perturber,
         plugin_manager=manager, dataset_num_proc=data_args.dataset_num_proc,
         logits_chunk_size=plugin_args.logits_chunk_size, packing=plugin_args.packing,
-        packing_max_length=plugin_args.max_length)
+        packing_max_length=plugin_args.max_length, resume_incomplete=plugin_args.resume_incomplete)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.finished_before_start:
+        if trainer.is_world_process_zero():
+            console.print(f"nothing to train: the checkpoint resumed from is at step "
+                          f"{result.global_step}, where this run ends; {training_args.output_dir}"
+                          " is left as it was", highlight=False)
+        return trainer
     trainer.save_model()
     if trainer.args.should_save:
         trainer.save_state()

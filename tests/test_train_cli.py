@@ -240,3 +240,72 @@ def test_a_config_key_is_never_abbreviated(tmp_path):
     result = CliRunner().invoke(main, ["train", "--config", str(config), "--model_name_or_path",
                                        "m", "--dataset", "d.jsonl", "--output_dir", "o"])
     assert result.exit_code == 2 and "--learning_rat" in result.output
+
+
+# ------------------------------------------------------------------------- checkpoints -----
+
+SAVING = ("--save_strategy", "steps", "--save_steps", "2", "--lr_scheduler_type", "constant")
+
+
+@pytest.fixture
+def finished_run(chat_model_dir, chat_data_file, tmp_path):
+    out = tmp_path / "run"
+    result = invoke(base_args(chat_model_dir, chat_data_file, out, *SAVING))
+    assert result.exit_code == 0, result.output
+    assert (out / "checkpoint-4" / "sft_plugins_complete.json").is_file()
+    return out
+
+
+def resume(chat_model_dir, chat_data_file, out, checkpoint, *extra):
+    return CliRunner().invoke(main, base_args(chat_model_dir, chat_data_file, out, *SAVING,
+                                              "--resume_from_checkpoint", checkpoint, *extra))
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(chat_model_dir, chat_data_file,
+                                                           finished_run):
+    weights = (finished_run / "model.safetensors").read_bytes()
+    result = resume(chat_model_dir, chat_data_file, finished_run, "true")
+    assert result.exit_code == 0, result.output
+    assert "nothing to train" in result.output
+    assert json.loads((finished_run / "trainer_state.json").read_text())["global_step"] == 4
+    assert (finished_run / "model.safetensors").read_bytes() == weights
+    assert not (finished_run / "checkpoint-5").exists()
+
+
+@pytest.mark.parametrize("lost", ["optimizer.pt", "rng_state.pth", "sft_plugins_complete.json"])
+def test_a_checkpoint_without_its_training_state_is_refused_unless_accepted(
+        chat_model_dir, chat_data_file, finished_run, lost):
+    checkpoint = finished_run / "checkpoint-2"
+    (checkpoint / lost).unlink()
+    result = resume(chat_model_dir, chat_data_file, finished_run, str(checkpoint))
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --resume_from_checkpoint "), lines
+    assert (lost.split(".")[0] in lines[0] or "not marked complete" in lines[0])
+    assert "--resume_incomplete true" in lines[0]
+    accepted = resume(chat_model_dir, chat_data_file, finished_run, str(checkpoint),
+                      "--resume_incomplete", "true")
+    assert accepted.exit_code == 0, accepted.output
+    assert json.loads((finished_run / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_true_resumes_from_the_newest_complete_checkpoint(chat_model_dir, chat_data_file,
+                                                          finished_run, caplog):
+    """A process killed while writing checkpoint-4 leaves it unmarked (or a file shorter than
+    recorded): resuming passes it over, names it and why, and continues from checkpoint-2."""
+    whole = losses(finished_run)
+    (finished_run / "checkpoint-4" / "optimizer.pt").write_bytes(b"half")
+    result = resume(chat_model_dir, chat_data_file, finished_run, "true")
+    assert result.exit_code == 0, result.output
+    assert "not resuming from" in caplog.text and "checkpoint-4" in caplog.text
+    assert "optimizer.pt has 4 bytes" in caplog.text
+    assert losses(finished_run)[-2:] == pytest.approx(whole[-2:], rel=1e-5)
+
+
+@pytest.mark.parametrize("checkpoint", ["true", "no-such-dir"])
+def test_nothing_to_resume_from_is_one_line(chat_model_dir, chat_data_file, tmp_path,
+                                            checkpoint):
+    result = resume(chat_model_dir, chat_data_file, tmp_path / "fresh", checkpoint)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --resume_from_checkpoint"), lines

@@ -21,6 +21,7 @@ import click
 import yaml
 
 from sft_plugins.arguments import DataArguments, ModelArguments, PluginArguments
+from sft_plugins.checkpoints import resolve_checkpoint
 from sft_plugins.errors import SFTPluginsError
 
 PLUGIN_KINDS = ("template", "collator", "perturber")
@@ -171,6 +172,9 @@ def check_arguments(model_args: Any, data_args: Any, plugin_args: Any,
                           "least 1")
     if plugin_args.max_length is not None and plugin_args.max_length < 1:
         raise ConfigError(f"--max_length {plugin_args.max_length}: must be at least 1")
+    # the trainer resolves it again when training starts; here it fails before any loading
+    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir,
+                       accept_incomplete=plugin_args.resume_incomplete)
 
 
 def _parser() -> Any:
