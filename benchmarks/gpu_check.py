@@ -131,7 +131,8 @@ def demo_check(out_dir: Path) -> dict[str, Any]:
     from sft_plugins.demo import run_demo
 
     result = run_demo(out_dir / "demo")
-    return {"before": result.before, "after": result.after, "seconds": result.seconds}
+    return {"before": result.before, "after": result.after, "seconds": result.seconds,
+            "steps": result.steps}
 
 
 def markdown(report: dict[str, Any]) -> str:

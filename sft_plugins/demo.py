@@ -1,38 +1,71 @@
 """The built-in demo: fine-tune a tiny Llama to sort letters, with nothing downloaded.
 
-A Llama-architecture model of about 0.6 M parameters is built from a config, with the shipped
+A Llama-architecture model of about 0.9 M parameters is built from a config, with the shipped
 Llama-3-style tokenizer and the fixed ``llama-3.1`` template. The task has a rule the model can
 only learn from the answers: "Sort the letters: q c m" -> "c m q". Training uses prompt/completion
-data, ``completion-only`` masking and ``neftune`` noise; held-out letter sets never appear in
-training. The demo prints exact-match accuracy on them before and after training, a few
-generations, and writes the trained model, a loss curve and an HTML view of the masks.
+data, ``completion-only`` masking and ``neftune`` noise, through :class:`SFTPluginTrainer` as any
+run does. Three disjoint sets of letter sets: training examples, validation sets that decide when
+to stop, and held-out sets that are only scored before and after training.
+
+It answers in about a minute on two CPU cores because it stops as soon as the model has learned:
+every ``eval_steps`` steps :class:`ExactMatchEarlyStopping` decodes the validation prompts and ends
+training once their exact match reaches the target (``max_steps`` stays the ceiling, and
+``stop_at=None`` trains all of it). Everything is written to a staging directory beside
+``output_dir`` and moved into place at the end, so ``output_dir`` always holds one whole run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+import shutil
 import string
+import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+import transformers
 from datasets import Dataset
 from rich.console import Console
 from rich.markup import escape
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from tqdm.auto import tqdm
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from sft_plugins.assets import ASSETS, LLAMA3_TOKENIZER_DIR
+from sft_plugins.errors import SFTPluginsError
 from sft_plugins.templates import ChatTemplate
-from sft_plugins.trainer import SFTPluginTrainer
+from sft_plugins.trainer import SFTPluginTrainer, with_variables
 
 DEMO_MODEL_CONFIG = ASSETS / "demo_model_config.json"
 PROMPT = "Sort the letters: {}"
+RESULTS_FILE = "results.json"
+RESULTS_KIND = "sft-plugins demo"
+"""Written into results.json: how a later run recognises a directory it may replace."""
 EMBEDDING_STD = 0.3
 """Input embeddings initialised at std 0.3 instead of 0.02: at this width NEFTune's noise
 (alpha 5) would otherwise be about 5x the embeddings and stall learning."""
+
+
+class DemoOutputError(SFTPluginsError):
+    """The demo's output directory holds something that is not an earlier demo run."""
 
 
 def letter_sets(seed: int, count: int, exclude: set[str] = frozenset()) -> list[str]:
@@ -51,6 +84,10 @@ def letter_sets(seed: int, count: int, exclude: set[str] = frozenset()) -> list[
     return out
 
 
+def _key(letters: str) -> str:
+    return "".join(sorted(letters.split()))
+
+
 def answer(letters: str) -> str:
     return " ".join(sorted(letters.split()))
 
@@ -61,12 +98,24 @@ def example(letters: str) -> dict[str, Any]:
             "completion": [{"role": "assistant", "content": answer(letters)}]}
 
 
-def datasets_for(seed: int, train_size: int, heldout_size: int) -> tuple[Dataset, list[str]]:
-    """Training examples and held-out letter sets that never occur (as sets) in training."""
+@dataclass
+class DemoData:
+    train: Dataset
+    validation: list[str]
+    """Letter sets that decide when training stops; never trained on."""
+    heldout: list[str]
+    """Letter sets scored only before and after training; never trained on or stopped on."""
+
+
+def datasets_for(seed: int, train_size: int, validation_size: int,
+                 heldout_size: int) -> DemoData:
+    """Training examples and two disjoint lists of letter sets that never occur (as sets) in
+    training."""
     heldout = letter_sets(seed + 1, heldout_size)
-    held_keys = {"".join(sorted(h.split())) for h in heldout}
-    train = [example(s) for s in letter_sets(seed, train_size, exclude=held_keys)]
-    return Dataset.from_list(train), heldout
+    validation = letter_sets(seed + 2, validation_size, exclude={_key(h) for h in heldout})
+    unseen = {_key(s) for s in heldout + validation}
+    train = [example(s) for s in letter_sets(seed, train_size, exclude=unseen)]
+    return DemoData(Dataset.from_list(train), validation, heldout)
 
 
 def build_model(tokenizer: Any, seed: int) -> LlamaForCausalLM:
@@ -74,6 +123,7 @@ def build_model(tokenizer: Any, seed: int) -> LlamaForCausalLM:
     config.vocab_size = len(tokenizer)
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     torch.nn.init.normal_(model.get_input_embeddings().weight, std=EMBEDDING_STD)
@@ -82,8 +132,9 @@ def build_model(tokenizer: Any, seed: int) -> LlamaForCausalLM:
 
 @torch.no_grad()
 def generate_answers(model: Any, tokenizer: Any, template: ChatTemplate,
-                     letter_sets_: list[str], batch_size: int = 100) -> list[str]:
-    """Greedy answers to the held-out prompts, stopping at the template's stop tokens."""
+                     letter_sets_: list[str], batch_size: int = 250) -> list[str]:
+    """Greedy answers to the prompts, stopping at the template's stop tokens. Leaves the model
+    in eval mode."""
     model.eval()
     stops = template.stop_token_ids(tokenizer)
     answers: list[str] = []
@@ -105,12 +156,59 @@ def exact_match(answers: list[str], letter_sets_: list[str]) -> float:
     return sum(a == answer(s) for a, s in zip(answers, letter_sets_, strict=True)) / len(answers)
 
 
+class ExactMatchEarlyStopping(TrainerCallback):
+    """Scores the model every ``eval_steps`` optimizer steps and stops training at ``target``.
+
+    ``evaluate(model)`` returns an exact match in [0, 1] (it may switch the model to eval mode;
+    training mode is restored here). ``target=None`` only scores. Each score is reported as one
+    line through ``report``, with the latest logged training loss.
+    """
+
+    def __init__(self, evaluate: Callable[[Any], float], *, eval_steps: int,
+                 target: float | None, report: Callable[[str], None]) -> None:
+        self.evaluate = evaluate
+        self.eval_steps = eval_steps
+        self.target = target
+        self.report = report
+        self.history: list[tuple[int, float]] = []
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState,
+                    control: TrainerControl, model: Any = None, **kwargs: Any) -> None:
+        step = state.global_step
+        if step % self.eval_steps and step != state.max_steps:
+            return
+        score = self.evaluate(model)
+        model.train()
+        self.history.append((step, score))
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        loss = f"loss {losses[-1]:.4f}, " if losses else ""
+        line = f"step {step:>4}/{state.max_steps}: {loss}validation exact match {score:.1%}"
+        if self.target is not None and score >= self.target:
+            control.should_training_stop = True
+            self.stopped_at = step
+            line += f" >= {self.target:.0%}: stopping"
+        self.report(line)
+
+
+class _BarWithoutLogLines(ProgressCallback):
+    """The Trainer's own progress bar, without a dict printed under it for every log: the
+    early-stopping lines carry the loss."""
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        pass
+
+
 @dataclass
 class DemoResult:
     before: float
     after: float
     seconds: float
     output_dir: Path
+    steps: int
+    """Optimizer steps trained (fewer than ``max_steps`` when the target was reached)."""
+    max_steps: int
 
 
 def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
@@ -148,69 +246,154 @@ def write_mask_view(train: Dataset, template: ChatTemplate, tokenizer: Any, out:
                                             "trained"))
 
 
-def run_demo(output_dir: str | Path = "demo-output", *, steps: int = 600, batch_size: int = 64,
-             learning_rate: float = 3e-3, seed: int = 0, heldout_size: int = 200,
-             console: Console | None = None) -> DemoResult:
-    """Train and evaluate the demo model; see the module docstring."""
+def _check_replaceable(out: Path) -> bool:
+    """Whether ``out`` holds an earlier demo run (True), nothing (False), or else: an error."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise DemoOutputError(f"--output_dir {out} is a file; give a directory the demo may "
+                              f"create")
+    if not any(out.iterdir()):
+        return False
+    try:
+        kind = json.loads((out / RESULTS_FILE).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != RESULTS_KIND:
+        raise DemoOutputError(f"--output_dir {out} already holds files that are not a demo run "
+                              f"(no {RESULTS_FILE} written by the demo); give a new or empty "
+                              f"directory")
+    return True
+
+
+def _remove_abandoned_stagings(out: Path) -> None:
+    """Staging directories of runs whose process is gone (killed with SIGKILL or SIGTERM, which
+    skip cleanup); a staging directory of a live process is left alone."""
+    for staging in out.parent.glob(f".{out.name}.partial-*"):
+        match = re.match(r"\.partial-(\d+)-", staging.name[len(out.name) + 1:])
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(staging, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
+
+
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A fresh directory beside ``out`` that replaces ``out`` when the block succeeds, and is
+    removed when it fails (``out`` is left as it was)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_stagings(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-",
+                                    dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_demo(output_dir: str | Path = "demo-output", *, max_steps: int = 600,
+             batch_size: int = 32, learning_rate: float = 3e-3, seed: int = 0,
+             eval_steps: int = 40, stop_at: float | None = 0.98, validation_size: int = 400,
+             heldout_size: int = 500, lr_scheduler_type: str = "cosine",
+             console: Console | None = None, started: float | None = None) -> DemoResult:
+    """Train and evaluate the demo model; see the module docstring. ``started`` is the
+    ``time.perf_counter()`` the reported wall time counts from (default: now)."""
     from sft_plugins import get_plugin_manager
 
-    console = console or Console()
+    started = time.perf_counter() if started is None else started
+    console = console or Console(highlight=False, soft_wrap=True)
+    interactive = sys.stdout.isatty()
     out = Path(output_dir)
-    started = time.perf_counter()
+    if _check_replaceable(out):
+        console.print(f"{out} holds an earlier demo run: it is replaced when this one finishes")
+    if not interactive:  # a log file gets lines, not hundreds of carriage-return updates
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     manager = get_plugin_manager()
-    template = manager.templates.get("llama-3.1")
+    # the fixed template without its 'Cutting Knowledge Date' system block, which would be
+    # about 45 of each example's 75 tokens with this small vocabulary; the same otherwise
+    template = with_variables(manager.templates.get("llama-3.1"), {"omit_knowledge_date": True})
     tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
     template.configure_tokenizer(tokenizer)
-    train, heldout = datasets_for(seed, steps * batch_size, heldout_size)
+    data = datasets_for(seed, max_steps * batch_size, validation_size, heldout_size)
     model = build_model(tokenizer, seed)
     console.print(f"[bold]sft-plugins demo[/]: a {model.num_parameters() / 1e6:.2f} M-parameter "
-                  f"Llama learns to sort letters ({len(train)} training examples, "
-                  f"{len(heldout)} held-out letter sets it never sees)")
+                  f"Llama learns to sort letters ({len(data.train)} training examples, "
+                  f"{len(data.validation)} validation and {len(data.heldout)} held-out letter "
+                  f"sets it never trains on)")
 
-    before = generate_answers(model, tokenizer, template, heldout)
-    before_accuracy = exact_match(before, heldout)
+    before = generate_answers(model, tokenizer, template, data.heldout)
+    before_accuracy = exact_match(before, data.heldout)
     console.print(f"held-out exact match before training: {before_accuracy:.1%}")
+    goal = (f"until validation exact match reaches {stop_at:.0%}, at most {max_steps} steps"
+            if stop_at is not None else f"for {max_steps} steps")
+    console.print(f"training {goal} (batch {batch_size}, scored every {eval_steps} steps)")
 
-    args = TrainingArguments(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=steps // 20,
-        weight_decay=0.0, logging_steps=max(1, steps // 30), save_strategy="no",
-        report_to=[], seed=seed, use_cpu=not torch.cuda.is_available(),
-        dataloader_drop_last=True,
-    )
-    trainer = SFTPluginTrainer(
-        model=model, args=args, train_dataset=train, processing_class=tokenizer,
-        template=template, collator="completion-only", perturber="neftune",
-        perturber_options={"alpha": 5.0}, plugin_manager=manager,
-    )
-    trainer.train()
+    stopper = ExactMatchEarlyStopping(
+        lambda m: exact_match(generate_answers(m, tokenizer, template, data.validation),
+                              data.validation),
+        eval_steps=eval_steps, target=stop_at, report=lambda line: tqdm.write(line))
+    with _staged(out) as staging:
+        args = TrainingArguments(
+            output_dir=str(staging), max_steps=max_steps,
+            per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+            lr_scheduler_type=lr_scheduler_type, warmup_steps=40, weight_decay=0.0,
+            adam_beta2=0.98, logging_steps=10, save_strategy="no", report_to=[], seed=seed,
+            use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True,
+            disable_tqdm=not interactive,
+        )
+        trainer = SFTPluginTrainer(
+            model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
+            template=template, collator="completion-only", perturber="neftune",
+            perturber_options={"alpha": 5.0}, plugin_manager=manager, callbacks=[stopper],
+        )
+        trainer.remove_callback(PrinterCallback)
+        if trainer.pop_callback(ProgressCallback) is not None:
+            trainer.add_callback(_BarWithoutLogLines)
+        trainer.train()
+        steps = trainer.state.global_step
 
-    after = generate_answers(trainer.model, tokenizer, template, heldout)
-    after_accuracy = exact_match(after, heldout)
-    console.print(f"held-out exact match after training: [bold]{after_accuracy:.1%}[/] "
-                  f"(before: {before_accuracy:.1%})")
-    for letters, old, new in list(zip(heldout, before, after, strict=True))[:5]:
-        # generations are model output, not markup (an untrained model writes brackets)
-        console.print(escape(f"  {PROMPT.format(letters)!r}: before {old!r}, after {new!r}, "
-                             f"expected {answer(letters)!r}"))
+        after = generate_answers(trainer.model, tokenizer, template, data.heldout)
+        after_accuracy = exact_match(after, data.heldout)
+        console.print(f"held-out exact match after training: [bold]{after_accuracy:.1%}[/] "
+                      f"(before: {before_accuracy:.1%}), after {steps} steps")
+        samples = list(zip(data.heldout, before, after, strict=True))
+        for letters, old, new in samples[:5]:
+            # generations are model output, not markup (an untrained model writes brackets)
+            console.print(escape(f"  {PROMPT.format(letters)!r}: before {old!r}, after "
+                                 f"{new!r}, expected {answer(letters)!r}"))
 
-    trainer.save_model(str(out / "model"))
-    tokenizer.save_pretrained(str(out / "model"))
-    plot_loss(trainer.state.log_history, out / "loss.png")
-    (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    write_mask_view(train, template, tokenizer, out)
-    seconds = time.perf_counter() - started
-    result = DemoResult(before_accuracy, after_accuracy, seconds, out)
-    (out / "results.json").write_text(json.dumps(
-        {"exact_match_before": before_accuracy, "exact_match_after": after_accuracy,
-         "seconds": seconds, "steps": steps, "batch_size": batch_size,
-         "samples": [{"prompt": PROMPT.format(s), "expected": answer(s), "before": b,
-                      "after": a}
-                     for s, b, a in list(zip(heldout, before, after, strict=True))[:20]]},
-        indent=2))
+        trainer.save_model(str(staging / "model"))
+        tokenizer.save_pretrained(str(staging / "model"))
+        plot_loss(trainer.state.log_history, staging / "loss.png")
+        (staging / "log_history.json").write_text(
+            json.dumps(trainer.state.log_history, indent=1))
+        write_mask_view(data.train, template, tokenizer, staging)
+        seconds = time.perf_counter() - started
+        (staging / RESULTS_FILE).write_text(json.dumps(
+            {"kind": RESULTS_KIND, "exact_match_before": before_accuracy,
+             "exact_match_after": after_accuracy, "heldout_sets": len(data.heldout),
+             "steps": steps, "max_steps": max_steps, "stop_at": stop_at,
+             "validation_exact_match": [{"step": s, "exact_match": v}
+                                        for s, v in stopper.history],
+             "batch_size": batch_size, "seconds": seconds,
+             "samples": [{"prompt": PROMPT.format(s), "expected": answer(s), "before": b,
+                          "after": a} for s, b, a in samples[:20]]},
+            indent=2))
     console.print(f"wrote {out / 'model'}, {out / 'loss.png'}, {out / 'masks.html'} and "
-                  f"{out / 'results.json'} in {seconds:.0f} s")
-    return result
+                  f"{out / RESULTS_FILE}")
+    console.print(f"demo finished in {seconds:.0f} s")
+    return DemoResult(before_accuracy, after_accuracy, seconds, out, steps, max_steps)
 
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["DemoResult", "ExactMatchEarlyStopping", "run_demo"]
