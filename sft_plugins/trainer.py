@@ -62,6 +62,7 @@ from sft_plugins.manager import PluginManager, get_plugin_manager
 from sft_plugins.masking import IGNORE_INDEX, MaskingCollator, PreparationReport
 from sft_plugins.packing import PackedCollator, pack_prepared
 from sft_plugins.perturb import Perturber
+from sft_plugins.preemption import SaveOnSigterm
 from sft_plugins.templates import ChatTemplate
 
 WEIGHTS_KEY = "loss_weights"
@@ -177,6 +178,9 @@ class SFTPluginTrainer(Trainer):
         if self.perturber is not None:
             self._perturber_callback = PerturberCallback(self.perturber)
             self.add_callback(self._perturber_callback)
+        self.sigterm = SaveOnSigterm(self._on_any_rank)
+        """SIGTERM during :meth:`train` saves a checkpoint and stops (``sigterm.stopped_at``)."""
+        self.add_callback(self.sigterm)
 
     @staticmethod
     def _check_launch(args: Any) -> None:
@@ -334,11 +338,21 @@ class SFTPluginTrainer(Trainer):
             with open(os.path.join(self.args.output_dir, PREPARATION_FILE), "w") as f:
                 json.dump({split: vars(report) for split, report in self.preparation.items()},
                           f, indent=2)
+        self.sigterm.install()
         try:
             return super().train(checkpoint, *args, **kwargs)
         finally:
+            self.sigterm.remove()
             if self._perturber_callback is not None:
                 self._perturber_callback.remove()
+
+    def _on_any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process of the run."""
+        if self.args.world_size <= 1:
+            return flag
+        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.args.device),
+                                        reduction="sum")
+        return bool(total.item() > 0)
 
     def _finished_at(self, checkpoint: str) -> TrainOutput | None:
         """A TrainOutput for a checkpoint that already reached the run's end, else ``None``."""

@@ -108,6 +108,13 @@ def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
                           f"{result.global_step}, where this run ends; {training_args.output_dir}"
                           " is left as it was", highlight=False)
         return trainer
+    if trainer.sigterm.stopped_at is not None:
+        if trainer.is_world_process_zero():
+            console.print(f"stopped by SIGTERM after step {trainer.sigterm.stopped_at}: "
+                          f"checkpoint-{trainer.sigterm.stopped_at} is saved in "
+                          f"{training_args.output_dir}; run the same command with "
+                          "--resume_from_checkpoint true to continue", highlight=False)
+        return trainer
     trainer.save_model()
     if trainer.args.should_save:
         trainer.save_state()

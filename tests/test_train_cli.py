@@ -309,3 +309,43 @@ def test_nothing_to_resume_from_is_one_line(chat_model_dir, chat_data_file, tmp_
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --resume_from_checkpoint"), lines
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(
+        chat_model_dir, chat_data_file, tmp_path):
+    """What a scheduler's preemption does: SIGTERM mid-training. The run saves a checkpoint at
+    the end of the step (though --save_strategy is no), says so, exits 143 without writing a
+    final model, and resuming gives the uninterrupted run's losses."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    steps = ("--max_steps", "300", "--per_device_train_batch_size", "2", "--save_strategy",
+             "no", "--lr_scheduler_type", "constant", "--perturber", "neftune")
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert invoke(base_args(chat_model_dir, chat_data_file, whole, *steps)).exit_code == 0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sft_plugins", *base_args(chat_model_dir, chat_data_file, part,
+                                                         *steps)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while not (part / "preparation.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output[-2000:]
+    stopped = re.search(r"stopped by SIGTERM after step (\d+): checkpoint-\1 is saved", output)
+    assert stopped, output[-2000:]
+    step = int(stopped.group(1))
+    assert 0 < step < 300
+    assert (part / f"checkpoint-{step}" / "sft_plugins_complete.json").is_file()
+    assert not (part / "model.safetensors").exists()
+    resumed = invoke(base_args(chat_model_dir, chat_data_file, part, *steps,
+                               "--resume_from_checkpoint", "true"))
+    assert resumed.exit_code == 0, resumed.output
+    assert losses(part) == pytest.approx(losses(whole), rel=1e-5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -206,10 +207,15 @@ def parse(argv: Sequence[str]) -> tuple[Any, ...]:
 
 
 def run(argv: Sequence[str]) -> Any:
-    """Parse ``argv``, load everything (failing before any training), train, save."""
+    """Parse ``argv``, load everything (failing before any training), train, save. A run
+    stopped by SIGTERM (after saving its checkpoint) exits with 143."""
+    from sft_plugins.preemption import EXIT_STATUS
     from sft_plugins.training import train_from_arguments
 
-    return train_from_arguments(*parse(argv))
+    trainer = train_from_arguments(*parse(argv))
+    if trainer.sigterm.stopped_at is not None:
+        sys.exit(EXIT_STATUS)
+    return trainer
 
 
 @click.command("train", context_settings={"ignore_unknown_options": True,
