@@ -12,10 +12,12 @@ those sizes, and says which ones it passed over and why.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 from sft_plugins.errors import SFTPluginsError
@@ -24,8 +26,11 @@ logger = logging.getLogger(__name__)
 
 COMPLETE_FILE = "sft_plugins_complete.json"
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
-TRAINING_STATE = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
-"""Files without which a resumed run is not the run it continues (with ``rng_state*.pth``)."""
+TRAINING_STATE = ("trainer_state.json", "scheduler.pt")
+"""Files without which a resumed run is not the run it continues, beside the optimizer's state
+and ``rng_state*.pth``."""
+OPTIMIZER_STATE = ("optimizer.pt", "optimizer.bin", "optimizer_0", "global_step*")
+"""Where the optimizer's state is: one file, FSDP's sharded directory, DeepSpeed's step folder."""
 
 
 class CheckpointError(SFTPluginsError):
@@ -80,6 +85,8 @@ def missing_training_state(directory: str | os.PathLike[str]) -> list[str]:
     """The files of a resumable training state that ``directory`` lacks."""
     root = Path(directory)
     missing = [name for name in TRAINING_STATE if not (root / name).is_file()]
+    if not any(any(root.glob(pattern)) for pattern in OPTIMIZER_STATE):
+        missing.insert(0, "optimizer.pt")
     if not any(root.glob("rng_state*.pth")):
         missing.append("rng_state.pth")
     return missing
@@ -99,6 +106,51 @@ def newest_complete(output_dir: str | os.PathLike[str]) -> tuple[Path | None,
             return path, passed_over
         passed_over.append((path, reason))
     return None, passed_over
+
+
+_DISK_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded")
+
+
+NEARLY_FULL = 16 << 20
+"""Free bytes below which a failed save is put down to a full disk: torch's zip writer reports
+ENOSPC as ``unexpected pos N vs M``, with no error number."""
+
+
+def is_disk_full(exc: BaseException, directory: str | os.PathLike[str]) -> bool:
+    """Whether ``exc``, raised while writing into ``directory``, is a write that failed for
+    lack of space: an ``OSError`` with ENOSPC/EDQUOT (or what caused it), the text safetensors'
+    writer puts in its error, or any error with the disk all but full."""
+    try:
+        if shutil.disk_usage(directory).free < NEARLY_FULL:
+            return True
+    except OSError:
+        pass
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(seen) for text in _DISK_FULL_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def checkpoint_bytes(directory: str | os.PathLike[str]) -> int:
+    """What ``directory`` holds on disk, in bytes."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def disk_full_error(run_dir: str, step: int, exc: BaseException) -> CheckpointError:
+    """The error for a checkpoint that did not fit, after its partial directory was removed."""
+    previous, _ = newest_complete(run_dir)
+    needed = f"about {checkpoint_bytes(previous):,} bytes" if previous else "more space"
+    kept = (f"{previous.name} is intact" if previous is not None
+            else "no earlier checkpoint exists")
+    return CheckpointError(
+        f"no space left on the device of {run_dir} while saving checkpoint-{step}: it needs "
+        f"{needed}, {shutil.disk_usage(run_dir).free:,} bytes are free ({exc.__class__.__name__})."
+        f" The partial checkpoint-{step} was removed and {kept}. Free space or choose an "
+        "--output_dir on a larger disk, then resume with --resume_from_checkpoint true")
 
 
 def resolve_checkpoint(resume: str | bool | None, output_dir: str | os.PathLike[str], *,
@@ -145,5 +197,6 @@ def resolve_checkpoint(resume: str | bool | None, output_dir: str | os.PathLike[
     return str(path)
 
 
-__all__ = ["COMPLETE_FILE", "CheckpointError", "incomplete_reason", "mark_complete",
-           "missing_training_state", "newest_complete", "resolve_checkpoint"]
+__all__ = ["COMPLETE_FILE", "CheckpointError", "checkpoint_bytes", "disk_full_error",
+           "incomplete_reason", "is_disk_full", "mark_complete", "missing_training_state",
+           "newest_complete", "resolve_checkpoint"]

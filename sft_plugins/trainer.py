@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -47,7 +48,13 @@ from transformers.trainer_utils import (
 from sft_plugins.arrow_rows import visible_rows
 from sft_plugins.attention import attend_packed_rows_by_example
 from sft_plugins.callbacks import PerturberCallback
-from sft_plugins.checkpoints import CheckpointError, mark_complete, resolve_checkpoint
+from sft_plugins.checkpoints import (
+    CheckpointError,
+    disk_full_error,
+    is_disk_full,
+    mark_complete,
+    resolve_checkpoint,
+)
 from sft_plugins.errors import DataError, LaunchError, ModelLoadError
 from sft_plugins.loss import (
     FAST_PATH_MODEL_TYPES,
@@ -375,18 +382,22 @@ class SFTPluginTrainer(Trainer):
         """``Trainer._save_checkpoint``, then (once every rank has written its part) the
         checkpoint is marked complete; older checkpoints are rotated away (``save_total_limit``)
         only after that, so a kill at any moment leaves a complete checkpoint to resume from."""
+        run_dir = self._get_output_dir(trial=trial)
+        target = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # the Trainer would rotate before the mark
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            if not is_disk_full(exc, run_dir):
+                raise
+            shutil.rmtree(target, ignore_errors=True)
+            raise disk_full_error(run_dir, self.state.global_step, exc) from exc
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            mark_complete(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-"
-                                                f"{self.state.global_step}"),
-                          self.state.global_step)
+            mark_complete(target, self.state.global_step)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint,
                                use_mtime=True)

@@ -349,3 +349,48 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(
                                "--resume_from_checkpoint", "true"))
     assert resumed.exit_code == 0, resumed.output
     assert losses(part) == pytest.approx(losses(whole), rel=1e-5)
+
+
+INSPECT = """
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+print("STATE " + json.dumps({p.name: sorted(c.name for c in p.iterdir()) if p.is_dir() else None
+                             for p in out.iterdir()}))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_is_one_line_and_leaves_the_previous_checkpoint(
+        chat_model_dir, chat_data_file, tmp_path):
+    """--output_dir on a tmpfs (in a user and mount namespace of its own) with room for one
+    checkpoint and a half: the second save fails for space. One error line naming the directory
+    and the bytes, exit 2, the partial checkpoint-2 removed, checkpoint-1 complete."""
+    import shutil
+    import subprocess
+
+    saving = ("--save_strategy", "steps", "--save_steps", "1", "--max_steps", "3")
+    sized = tmp_path / "sized"
+    assert invoke(base_args(chat_model_dir, chat_data_file, sized, *saving,
+                            "--max_steps", "1")).exit_code == 0
+    one = sum(p.stat().st_size for p in (sized / "checkpoint-1").rglob("*") if p.is_file())
+    out = tmp_path / "small-disk"
+    out.mkdir()
+    train = " ".join(f"'{a}'" for a in [sys.executable, "-m", "sft_plugins",
+                                         *base_args(chat_model_dir, chat_data_file, out,
+                                                    *saving)])
+    inspect = f"'{sys.executable}' -c '{INSPECT}' '{out}'"
+    script = (f"mount -t tmpfs -o size={int(one * 1.5)} tmpfs '{out}' && {train}; "
+              f"echo EXIT $?; {inspect}")
+    assert shutil.which("unshare")
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                             script], capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert "EXIT 2" in output, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in output, output[-3000:]
+    assert f"no space left on the device of {out} while saving checkpoint-2" in errors[0]
+    assert "bytes" in errors[0] and "checkpoint-1 is intact" in errors[0]
+    state = json.loads(next(line for line in output.splitlines()
+                            if line.startswith("STATE "))[6:])
+    assert "checkpoint-2" not in state and "model.safetensors" not in state
+    assert "sft_plugins_complete.json" in state["checkpoint-1"]
