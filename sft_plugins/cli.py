@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import typing
 
 import click
 from rich.console import Console
@@ -19,17 +20,42 @@ from sft_plugins.errors import SFTPluginsError
 from sft_plugins.manager import PluginManager, get_plugin_manager
 
 
+def _describe(exc: BaseException) -> str:
+    """One line for an error the machine or the input caused rather than our code: a file
+    that cannot be read or written, text that is not UTF-8, input nested past the recursion
+    limit."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        target = exc.filename + (f" -> {exc.filename2}" if exc.filename2 else "")
+        return f"{target}: {exc.strerror or exc}"
+    if isinstance(exc, UnicodeDecodeError):
+        return (f"a file is not valid {exc.encoding} text ({exc.reason} at byte {exc.start}); "
+                "convert it to UTF-8")
+    if isinstance(exc, RecursionError):
+        return "the input is nested too deeply to process (past Python's recursion limit)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class _Group(click.Group):
-    """Turns our own errors into one clear line and exit status 2, never a traceback."""
+    """Turns our own errors, and the I/O and encoding errors that bad input or a full or
+    read-only disk cause, into one clear line and exit status 2, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except SFTPluginsError as exc:
-            console = Console(stderr=True, soft_wrap=True)
-            # the message is text: "sft-plugins[qlora]" must not be read as a style tag
-            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-            sys.exit(2)
+            _fail(str(exc))
+        except click.UsageError as exc:  # a bad flag or argument: one line, no usage block
+            command = exc.ctx.command_path if exc.ctx is not None else "sft-plugins"
+            _fail(f"{command}: {exc.format_message()} (see {command} --help)")
+        except (OSError, UnicodeError, RecursionError) as exc:
+            _fail(_describe(exc))
+
+
+def _fail(message: str) -> typing.NoReturn:
+    console = Console(stderr=True, soft_wrap=True)
+    # the message is text: "sft-plugins[qlora]" must not be read as a style tag
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -104,7 +105,12 @@ def load_model(args: ModelArguments, *, bf16: bool = False, fp16: bool = False,
         kwargs["quantization_config"] = quantization
         if torch.cuda.is_available():  # quantized weights load onto this process's GPU
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+    except (OSError, SafetensorError) as exc:
+        raise ModelLoadError(f"model {args.model_name_or_path!r}: its weights cannot be read "
+                             f"({type(exc).__name__}: {exc}); the file may be truncated or "
+                             "corrupt: download or save it again") from None
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 

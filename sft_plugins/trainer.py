@@ -519,7 +519,9 @@ def labels_from_token_masks(dataset: Dataset, split: str) -> Dataset:
 
 def with_variables(template: ChatTemplate, options: Mapping[str, Any]) -> ChatTemplate:
     """``template`` rendering with ``options`` as default template variables (for example
-    ``omit_knowledge_date=True`` or ``date_string`` for Llama 3.1)."""
+    ``omit_knowledge_date=True`` or ``date_string`` for Llama 3.1); a name the template never
+    reads is a :class:`~sft_plugins.errors.TemplateError`."""
+    template.check_variables(options)
     return template.with_options(variables={**template.variables, **options})
 
 

@@ -394,3 +394,13 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_the_previous_checkpoint
                             if line.startswith("STATE "))[6:])
     assert "checkpoint-2" not in state and "model.safetensors" not in state
     assert "sft_plugins_complete.json" in state["checkpoint-1"]
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_loading(tmp_path):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    result = CliRunner().invoke(main, ["train", "--model_name_or_path", str(tmp_path / "none"),
+                                       "--dataset", "d.jsonl", "--output_dir", str(target)])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: --output_dir {target} is a file; give a directory"
+    assert target.read_text() == "keep me"

@@ -23,6 +23,7 @@ def load_for_chat(directory: Path) -> tuple[Any, Any]:
     An adapter is loaded onto its base model, which brings the base's generation config; the
     one saved with the adapter (the template's stop tokens) replaces it.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     try:
@@ -35,9 +36,10 @@ def load_for_chat(directory: Path) -> tuple[Any, Any]:
                 model.generation_config = GenerationConfig.from_pretrained(directory)
         else:
             model = AutoModelForCausalLM.from_pretrained(directory)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{directory} does not hold a trained model and tokenizer: "
-                             f"{exc}") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ModelLoadError(f"{directory} does not hold a readable trained model and "
+                             f"tokenizer ({type(exc).__name__}: {exc}); the weights may be "
+                             "truncated or corrupt") from None
     if not tokenizer.chat_template:
         raise ModelLoadError(f"{directory}: the tokenizer has no chat template; was it saved by "
                              "sft-plugins train?")
@@ -69,7 +71,8 @@ def answer(tokenizer: Any, model: Any, prompt: str, *, system: str | None = None
 @click.option("--prompt", "-p", multiple=True,
               help="A user message to answer (repeatable; default: one per line of stdin).")
 @click.option("--system", default=None, help="A system message to put first.")
-@click.option("--max_new_tokens", "--max-new-tokens", default=128, show_default=True)
+@click.option("--max_new_tokens", "--max-new-tokens", default=128, show_default=True,
+              type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per answer.")
 def chat_command(directory: Path, prompt: tuple[str, ...], system: str | None,
                  max_new_tokens: int, as_json: bool) -> None:

@@ -19,6 +19,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 
+from sft_plugins.data.sources import loads_strict
 from sft_plugins.errors import DataError, TemplateError
 from sft_plugins.manager import get_plugin_manager
 from sft_plugins.templates import ChatTemplate, RenderedConversation
@@ -50,15 +51,21 @@ class Example:
 
 def read_conversations(path: Path) -> Iterator[tuple[int, list[Any], Any]]:
     """``(line number, messages, tools)`` per non-blank line; ``DataError`` names file:line."""
-    with path.open(encoding="utf-8") as handle:
+    with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw)
+                row = loads_strict(raw)
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: not valid UTF-8 (byte {exc.start} of the "
+                                "line); the file must be UTF-8 text") from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column "
                                 f"{exc.colno}); each line must be one JSON object") from None
+            except ValueError as exc:
+                raise DataError(f"{path}:{number}: not valid JSON ({exc}); each line must be "
+                                "one JSON object") from None
             if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
                 raise DataError(f"{path}:{number}: expected an object with a 'messages' list, "
                                 f"got {json.dumps(row)[:80]}")

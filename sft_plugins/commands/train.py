@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
 import typing
 from collections.abc import Mapping, Sequence
@@ -173,9 +174,20 @@ def check_arguments(model_args: Any, data_args: Any, plugin_args: Any,
                           "least 1")
     if plugin_args.max_length is not None and plugin_args.max_length < 1:
         raise ConfigError(f"--max_length {plugin_args.max_length}: must be at least 1")
+    _check_output_dir(Path(args.output_dir))
     # the trainer resolves it again when training starts; here it fails before any loading
     resolve_checkpoint(args.resume_from_checkpoint, args.output_dir,
                        accept_incomplete=plugin_args.resume_incomplete)
+
+
+def _check_output_dir(out: Path) -> None:
+    """--output_dir must be a directory this process can create or write into."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out} is a file; give a directory")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {out}: {existing} is not writable by this user; give a "
+                          "directory you can write to")
 
 
 def _parser() -> Any:

@@ -25,6 +25,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -153,12 +154,34 @@ def _object_without_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, An
     return value
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogate(v) for v in value)
+    return False
+
+
 def loads_strict(text: str | bytes) -> Any:
-    """``json.loads`` that refuses an object with a repeated key and bytes that are not UTF-8
-    (``json.loads`` on bytes would also take UTF-16 and UTF-32)."""
+    """``json.loads`` that refuses what would break later, each as a ``ValueError``: an object
+    with a repeated key, bytes that are not UTF-8 (``json.loads`` on bytes would also take
+    UTF-16 and UTF-32), a lone surrogate escape (``"\\ud800"``: no UTF-8 encoding exists for
+    it, so the tokenizer would fail on it), and nesting too deep for Python to parse."""
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    return json.loads(text, object_pairs_hook=_object_without_duplicate_keys)
+    try:
+        value = json.loads(text, object_pairs_hook=_object_without_duplicate_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply (past Python's recursion limit)") from None
+    if ("\\ud" in text or "\\uD" in text) and _has_surrogate(value):
+        raise ValueError("a \\uXXXX escape is a lone UTF-16 surrogate, which is not a "
+                         "character")
+    return value
 
 
 _BYTE_ORDER_MARKS = ((b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),

@@ -17,7 +17,7 @@ names the message where it stops being one.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -236,6 +236,8 @@ class ChatTemplate:
     def _render(self, messages: Sequence[Mapping[str, Any]], tools: Any,
                 add_generation_prompt: bool, options: dict[str, Any]
                 ) -> tuple[list[dict[str, Any]], dict[str, Any], _jinja.Recording]:
+        if options:
+            self.check_variables(options)
         self.validate(messages, tools=tools)
         chat = _normalise(messages)
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token,
@@ -253,9 +255,9 @@ class ChatTemplate:
         except jinja2.TemplateError as exc:
             raise TemplateError(f"chat template {self.name!r} refused the conversation: "
                                 f"{exc.message or exc}") from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-            raise TemplateError(f"chat template {self.name!r} failed on the conversation: "
-                                f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:  # a template is code: whatever it raises is its own failure
+            raise TemplateError(f"chat template {self.name!r} failed on the conversation"
+                                f"{_template_line(exc)}: {type(exc).__name__}: {exc}") from None
 
     def _marked_spans(self, chat: list[dict[str, Any]],
                       recording: _jinja.Recording) -> tuple[MessageSpan, ...]:
@@ -386,9 +388,42 @@ class ChatTemplate:
         return [vocab[t] for t in dict.fromkeys((self.end_of_turn, *self.stop_tokens))
                 if t and t in vocab]
 
+    def check_variables(self, names: Iterable[str]) -> None:
+        """Refuse variable names the template never reads: a misspelt option (``enable_thinkin``)
+        would otherwise change nothing, in silence."""
+        try:
+            read = _jinja.variables_read(self.source)
+        except jinja2.TemplateSyntaxError:
+            return  # rendering reports it, with the line
+        unknown = sorted(set(names) - read)
+        if unknown:
+            own = sorted(read - _STANDARD_VARIABLES)
+            raise TemplateError(
+                f"chat template {self.name!r} reads no variable named "
+                f"{', '.join(map(repr, unknown))}; the variables it reads are "
+                f"{', '.join(own) if own else 'only the standard ones (messages, tools, ...)'}")
+
     def with_options(self, **changes: Any) -> ChatTemplate:
         """A copy with some fields changed (for example other default ``variables``)."""
         return replace(self, **changes)
+
+
+_STANDARD_VARIABLES = frozenset({
+    "messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token",
+    "pad_token", "raise_exception", "strftime_now", "namespace", "dict"})
+"""What every template is given (or may call); not worth listing as a template's own."""
+
+
+def _template_line(exc: BaseException) -> str:
+    """`` (template line N)`` for the template line that was running when ``exc`` was raised
+    (jinja compiles a template to code whose frames carry the template's line numbers)."""
+    line = None
+    traceback = exc.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_code.co_filename == "<template>":
+            line = traceback.tb_lineno
+        traceback = traceback.tb_next
+    return "" if line is None else f" (template line {line})"
 
 
 def _check_tool_calls(template: ChatTemplate, index: int, calls: Any) -> None:

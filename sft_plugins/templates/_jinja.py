@@ -36,6 +36,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -173,6 +174,13 @@ def environment() -> ImmutableSandboxedEnvironment:
 def compile_template(source: str) -> jinja2.Template:
     """Compile ``source`` once (raises ``jinja2.TemplateSyntaxError``)."""
     return environment().from_string(source)
+
+
+@lru_cache(maxsize=256)
+def variables_read(source: str) -> frozenset[str]:
+    """Every variable ``source`` reads without setting it (a syntax error raises
+    ``jinja2.TemplateSyntaxError``)."""
+    return frozenset(jinja2.meta.find_undeclared_variables(environment().parse(source)))
 
 
 @contextmanager
