@@ -94,7 +94,7 @@ class PluginManager:
             for item in registered:
                 try:
                     entry = registry.add(item, plugin)
-                except TypeError as exc:
+                except (TypeError, SFTPluginsError) as exc:  # bad item, or a name taken
                     self._fail(plugin, f"{exc} in {hook_name}", exc)
                     break
                 if self._trace:
@@ -104,8 +104,14 @@ class PluginManager:
     def _fail(self, plugin: str, detail: str, exc: BaseException) -> None:
         if plugin not in self.distributions:  # not from an entry point: a bug, not user error
             raise PluginLoadError(plugin, detail, cause=exc) from exc
-        self.errors.append(PluginLoadError(plugin, detail, entry_point=plugin,
-                                           distribution=self.distributions[plugin], cause=exc))
+        self.errors.append(self._error(plugin, detail, exc))
+
+    def _error(self, plugin: str, detail: str, exc: BaseException | None) -> PluginLoadError:
+        """An error naming ``plugin``, and its entry point and distribution when it has them."""
+        if plugin not in self.distributions:
+            return PluginLoadError(plugin, detail, cause=exc)
+        return PluginLoadError(plugin, detail, entry_point=plugin,
+                               distribution=self.distributions[plugin], cause=exc)
 
     def plugin_names(self) -> list[str]:
         """Names of the registered plugins, first-party first."""
@@ -116,8 +122,24 @@ class PluginManager:
         text = getattr(tokenizer, "chat_template", None)
         if isinstance(text, dict):  # tokenizers may carry several named templates
             text = text.get("default")
-        name = self.pm.hook.select_chat_template(tokenizer=tokenizer, chat_template=text)
-        return None if name is None else self.templates.get(name)
+        arguments = {"tokenizer": tokenizer, "chat_template": text}
+        for impl in reversed(self.pm.hook.select_chat_template.get_hookimpls()):  # call order
+            plugin = impl.plugin_name
+            try:
+                name = impl.function(**{a: arguments[a] for a in impl.argnames})
+            except Exception as exc:
+                raise self._error(plugin, f"raised {type(exc).__name__}: {exc} in "
+                                          "select_chat_template", exc) from exc
+            if self._trace:
+                self._trace(f"select_chat_template [{plugin}] returned {name!r}\n")
+            if name is None:
+                continue
+            if not isinstance(name, str) or name not in self.templates:
+                raise self._error(plugin, f"returned {name!r} from select_chat_template, which "
+                                          "must return a registered template name or None",
+                                  None)
+            return self.templates.get(name)
+        return None
 
     def resolve_template(self, name: str | None, tokenizer: Any = None) -> ChatTemplate | None:
         """The template to train or render with: the one named, else the one a plugin
@@ -158,7 +180,7 @@ def _load_entry_points(pm: pluggy.PluginManager, disabled: set[str],
         try:
             plugin = ep.load()
             _register_checked(pm, plugin, ep.name)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() on import must not end our command
             errors.append(PluginLoadError(
                 ep.name, f"failed to load: {type(exc).__name__}: {exc}",
                 distribution=dist_name, entry_point=ep.name, cause=exc))

@@ -17,6 +17,7 @@ from sft_plugins.errors import (
     DuplicateNameError,
     PluginLoadError,
     PluginOptionError,
+    SFTPluginsError,
     UnknownNameError,
 )
 
@@ -126,7 +127,14 @@ class Registry(Generic[T]):
             raise TypeError(f"{self.kind} {entry.name!r} is not a class and takes no options")
         check_options(factory, options, what=f"{self.kind} {entry.name!r} "
                                              f"(plugin {entry.plugin!r})")
-        return factory(**options)
+        try:
+            return factory(**options)
+        except SFTPluginsError:
+            raise  # the plugin's own clear refusal (an option out of range, ...)
+        except Exception as exc:
+            raise PluginLoadError(entry.plugin, f"raised {type(exc).__name__}: {exc} when "
+                                  f"building {self.kind} {entry.name!r} with options "
+                                  f"{options or '{}'}", cause=exc) from exc
 
 
 def check_options(factory: Any, options: dict[str, Any], *, what: str) -> None:

@@ -172,7 +172,9 @@ def test_first_party_failure_raises_instead_of_hiding():
         plugin_manager(Bad())
 
 
-def test_duplicate_name_from_entry_point_fails_naming_both_plugins(install):
+def test_duplicate_name_from_entry_point_is_listed_naming_both_plugins(install):
+    """A third-party plugin that takes a name already registered is a broken plugin, listed
+    like one that fails to import: the manager (and so `sft-plugins list`) still works."""
     source = """
         from dataclasses import dataclass
         from sft_plugins import hookimpl
@@ -188,11 +190,14 @@ def test_duplicate_name_from_entry_point_fails_naming_both_plugins(install):
             register(Item("copycat", aliases=("Builtin-Chat",)))
     """
     install("copy-sft", {"copy_sft.py": source}, {"copy": "copy_sft"})
-    with pytest.raises(DuplicateNameError) as excinfo:
-        get_plugin_manager(plugins=[FirstParty()])
-    message = str(excinfo.value)
+    manager = get_plugin_manager(plugins=[FirstParty()])
+    [error] = manager.errors
+    message = str(error)
+    assert isinstance(error.cause, DuplicateNameError)
     assert "'builtin-chat'" in message  # the alias clashes case-insensitively
     assert "plugin 'FirstParty'" in message and "plugin 'copy'" in message
+    assert "copy-sft" in message and "SFT_PLUGINS_DISABLE=copy" in message
+    assert manager.templates.get("builtin-chat").name == "builtin-chat"
 
 
 def test_trace_prints_every_hook_call(capsys):
@@ -241,3 +246,57 @@ def test_resolve_template_named_detected_own_or_none():
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     own = manager.resolve_template(None, tokenizer)
     assert own.render([{"role": "user", "content": "hi"}]).text == "hi\n"
+
+
+# ------------------------------------------------------------------ hostile plugins --------
+
+
+def test_a_plugin_that_exits_on_import_is_listed_not_fatal(install):
+    install("exit-sft", {"exit_sft.py": "import sys\nsys.exit(3)\n"}, {"exiter": "exit_sft"})
+    manager = get_plugin_manager(plugins=[FirstParty()])
+    [error] = manager.errors
+    assert "plugin 'exiter'" in str(error) and "SystemExit: 3" in str(error)
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ("return 1 / 0", "raised ZeroDivisionError: division by zero in select_chat_template"),
+    ("return 42", "returned 42 from select_chat_template, which must return a registered "
+                  "template name or None"),
+    ("return 'no-such-template'", "returned 'no-such-template' from select_chat_template"),
+])
+def test_a_selection_hook_that_fails_is_an_error_naming_the_plugin(install, body, expected):
+    source = f"""
+        from sft_plugins import hookimpl
+
+        @hookimpl
+        def select_chat_template(tokenizer, chat_template):
+            {body}
+    """
+    install("pick-sft", {"pick_sft.py": source}, {"picker": "pick_sft"})
+    manager = get_plugin_manager(plugins=[FirstParty()])
+    with pytest.raises(PluginLoadError) as excinfo:
+        manager.select_chat_template(Tok("anything"))
+    message = str(excinfo.value)
+    assert expected in message
+    assert "plugin 'picker' (entry point 'picker' from distribution 'pick-sft')" in message
+
+
+def test_a_plugin_class_that_raises_when_built_names_the_plugin():
+    class Broken:
+        name = "broken"
+        description = "raises when built"
+        aliases = ()
+
+        def __init__(self, size: int = 1) -> None:
+            raise RuntimeError("out of cheese")
+
+    class Plugin:
+        @hookimpl
+        def register_collators(self, register):
+            register(Broken)
+
+    manager = plugin_manager(Plugin())
+    with pytest.raises(PluginLoadError, match=r"plugin 'Plugin' raised RuntimeError: out of "
+                                              r"cheese when building collator 'broken' with "
+                                              r"options \{'size': 2\}"):
+        manager.collators.create("broken", size=2)
