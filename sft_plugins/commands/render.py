@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from sft_plugins.data.sources import loads_strict
+from sft_plugins.data.sources import check_text_encoding, loads_strict, open_data_file
 from sft_plugins.errors import DataError, TemplateError
 from sft_plugins.manager import get_plugin_manager
 from sft_plugins.templates import ChatTemplate, RenderedConversation
@@ -51,25 +52,36 @@ class Example:
 
 def read_conversations(path: Path) -> Iterator[tuple[int, list[Any], Any]]:
     """``(line number, messages, tools)`` per non-blank line; ``DataError`` names file:line."""
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = loads_strict(raw)
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid UTF-8 (byte {exc.start} of the "
-                                "line); the file must be UTF-8 text") from None
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column "
-                                f"{exc.colno}); each line must be one JSON object") from None
-            except ValueError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc}); each line must be "
-                                "one JSON object") from None
-            if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-                raise DataError(f"{path}:{number}: expected an object with a 'messages' list, "
-                                f"got {json.dumps(row)[:80]}")
-            yield number, row["messages"], row.get("tools")
+    try:
+        check_text_encoding(path)
+        with open_data_file(path) as handle:
+            lines = handle.readlines()
+    except (OSError, EOFError, zlib.error) as exc:  # unreadable, or a corrupt .gz
+        raise DataError(f"{path}: cannot be read ({exc}); check the file's permissions and, "
+                        "for .gz files, that it is complete gzip data") from None
+    seen = False
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = loads_strict(raw)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid UTF-8 (byte {exc.start} of the "
+                            "line); the file must be UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column "
+                            f"{exc.colno}); each line must be one JSON object") from None
+        except ValueError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc}); each line must be "
+                            "one JSON object") from None
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+            raise DataError(f"{path}:{number}: expected an object with a 'messages' list, "
+                            f"got {json.dumps(row)[:80]}")
+        seen = True
+        yield number, row["messages"], row.get("tools")
+    if not seen:
+        raise DataError(f"{path}: the file holds no conversations; expected one JSON object "
+                        "with a 'messages' list per line")
 
 
 def tokenize(tokenizer: Any, template: ChatTemplate, rendered: RenderedConversation) -> Tokens:

@@ -189,10 +189,10 @@ _BYTE_ORDER_MARKS = ((b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
                      (b"\xfe\xff", "UTF-16 (big-endian)"), (b"\xff\xfe", "UTF-16 (little-endian)"))
 
 
-def _check_text_encoding(path: Path) -> None:
+def check_text_encoding(path: Path) -> None:
     """Refuse, once for the whole file, text in an encoding other than UTF-8: split into lines
     as bytes, UTF-16 would otherwise be one readable first line and garbage after it."""
-    with _open(path) as handle:
+    with open_data_file(path) as handle:
         head = handle.read(4096)
     encoding = next((name for mark, name in _BYTE_ORDER_MARKS if head.startswith(mark)), None)
     if encoding is None and b"\x00" in head:
@@ -203,7 +203,7 @@ def _check_text_encoding(path: Path) -> None:
                         f"{path.stem}.utf8{path.suffix}")
 
 
-def _open(path: Path) -> BinaryIO:
+def open_data_file(path: Path) -> BinaryIO:
     """The file's bytes, decompressed when its name ends in ``.gz``."""
     if path.suffix.lower() == ".gz":
         return gzip.open(path, "rb")  # type: ignore[return-value]
@@ -226,7 +226,7 @@ def _read_file(path: Path, cache_dir: str | None) -> Piece:
     if path.stat().st_size == 0 or not _has_content(path):
         raise DataError(f"{path}: the file is empty; expected at least one example")
     if suffix != ".parquet":
-        _check_text_encoding(path)
+        check_text_encoding(path)
     if suffix in JSON_LINES_SUFFIXES:
         return _json_lines(path, cache_dir)
     if suffix == ".json":
@@ -249,7 +249,7 @@ def _read_file(path: Path, cache_dir: str | None) -> Piece:
 def _csv_header(path: Path, sep: str) -> list[str]:
     """The column names, after checking that at least one row follows them."""
     try:
-        with io.TextIOWrapper(_open(path), encoding="utf-8-sig", newline="") as handle:
+        with io.TextIOWrapper(open_data_file(path), encoding="utf-8-sig", newline="") as handle:
             rows = (row for row in csv.reader(handle, delimiter=sep) if row)
             header = next(rows)
             if next(rows, None) is None:
@@ -262,7 +262,7 @@ def _csv_header(path: Path, sep: str) -> list[str]:
 
 
 def _has_content(path: Path) -> bool:
-    with _open(path) as handle:
+    with open_data_file(path) as handle:
         while chunk := handle.read(1 << 16):
             if chunk.strip():
                 return True
@@ -283,7 +283,7 @@ def _wrapped(path: Path, kind: str, load: Any) -> Dataset:
 
 def _is_json_lines(path: Path) -> bool:
     """A ``.json`` file is JSON Lines when its first non-blank line is a whole JSON value."""
-    with _open(path) as handle:
+    with open_data_file(path) as handle:
         for line in handle:
             if line.strip():
                 if line.lstrip().startswith(b"["):
@@ -304,7 +304,7 @@ def _line_chunks(path: Path) -> Iterator[tuple[list[bytes], list[int | None]]]:
     """
     leftover = b""
     first_line = 1
-    with _open(path) as handle:
+    with open_data_file(path) as handle:
         while True:
             block = handle.read(READ_BLOCK)
             lines = (leftover + block).split(b"\n")
@@ -361,7 +361,7 @@ def _json_lines(path: Path, cache_dir: str | None) -> Piece:
 
 def _first_object(path: Path) -> dict[str, Any] | None:
     """The first line that is a JSON object, among the first :data:`PEEK_LINES` non-blank ones."""
-    with _open(path) as handle:
+    with open_data_file(path) as handle:
         seen = 0
         for line in handle:
             if not line.strip():
@@ -380,7 +380,7 @@ def _first_object(path: Path) -> dict[str, Any] | None:
 
 def _json_array(path: Path, cache_dir: str | None) -> Piece:
     try:
-        with _open(path) as handle:
+        with open_data_file(path) as handle:
             value = loads_strict(handle.read())
     except ValueError as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); expected a JSON array of examples or "

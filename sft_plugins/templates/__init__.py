@@ -371,12 +371,14 @@ class ChatTemplate:
             current = tokenizer.pad_token
             if current is None or current == self.end_of_turn:
                 raise TemplateError(
-                    f"{self.name}: none of the pad tokens {candidates or '(none declared)'} is in "
-                    f"the tokenizer's vocabulary and its own pad token is {current!r}; pass "
-                    "pad_token=... or add_missing_tokens=True (then resize the embeddings)")
+                    f"chat template {self.name!r}: none of the pad tokens "
+                    f"{candidates or '(none declared)'} is in the tokenizer's vocabulary and its "
+                    f"own pad token is {current!r}; pass pad_token=... or "
+                    "add_missing_tokens=True (then resize the embeddings)")
             chosen = current
         if chosen == self.end_of_turn:
-            raise TemplateError(f"{self.name}: refusing to pad with the end-of-turn token "
+            raise TemplateError(f"chat template {self.name!r}: refusing to pad with the "
+                                f"end-of-turn token "
                                 f"{chosen!r}: masking pads would mask the model's stop signal")
         tokenizer.pad_token = chosen
         tokenizer.chat_template = self.tokenizer_source
