@@ -56,6 +56,7 @@ from sft_plugins.checkpoints import (
     resolve_checkpoint,
 )
 from sft_plugins.errors import DataError, LaunchError, ModelLoadError
+from sft_plugins.files import write_text_atomically
 from sft_plugins.loss import (
     FAST_PATH_MODEL_TYPES,
     TokenLoss,
@@ -342,9 +343,10 @@ class SFTPluginTrainer(Trainer):
                 return finished
         if self.preparation and self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, PREPARATION_FILE), "w") as f:
-                json.dump({split: vars(report) for split, report in self.preparation.items()},
-                          f, indent=2)
+            write_text_atomically(
+                os.path.join(self.args.output_dir, PREPARATION_FILE),
+                json.dumps({split: vars(report) for split, report in self.preparation.items()},
+                           indent=2))
         self.sigterm.install()
         try:
             return super().train(checkpoint, *args, **kwargs)

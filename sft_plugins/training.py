@@ -60,8 +60,7 @@ def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
         column_map=parse_column_map(data_args.column_map), template=template,
         on_bad_example=data_args.on_bad_example,  # type: ignore[arg-type]
         eval_dataset=data_args.eval_dataset, eval_split_ratio=data_args.eval_split_ratio,
-        seed=training_args.seed, num_proc=data_args.dataset_num_proc,
-        output_dir=training_args.output_dir)
+        seed=training_args.seed, num_proc=data_args.dataset_num_proc)
     if data.kind != "text" and template is None:
         source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
         raise TemplateError(
@@ -101,6 +100,10 @@ def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
         plugin_manager=manager, dataset_num_proc=data_args.dataset_num_proc,
         logits_chunk_size=plugin_args.logits_chunk_size, packing=plugin_args.packing,
         packing_max_length=plugin_args.max_length, resume_incomplete=plugin_args.resume_incomplete)
+    # written once everything has loaded, so a run that fails before training leaves an earlier
+    # run's output directory as it was
+    if data_args.on_bad_example == "skip" and trainer.args.should_save:
+        data.summary.write_json(training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.finished_before_start:
         if trainer.is_world_process_zero():

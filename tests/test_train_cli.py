@@ -404,3 +404,26 @@ def test_an_output_dir_that_is_a_file_is_refused_before_loading(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip() == f"error: --output_dir {target} is a file; give a directory"
     assert target.read_text() == "keep me"
+
+
+def test_a_run_that_fails_before_training_leaves_an_earlier_run_as_it_was(
+        chat_model_dir, chat_data_file, tmp_path):
+    out = tmp_path / "run"
+    first = invoke(base_args(chat_model_dir, chat_data_file, out, "--on_bad_example", "skip"))
+    assert first.exit_code == 0, first.output
+    def files():
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in out.iterdir() if p.is_file()}
+
+    before = files()
+    assert {"data_summary.json", "preparation.json", "model.safetensors"} <= set(before)
+    import shutil
+
+    broken = tmp_path / "broken-model"  # its weights fail to load, after the data is read
+    shutil.copytree(chat_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    failed = CliRunner().invoke(main, base_args(broken, chat_data_file, out,
+                                                "--on_bad_example", "skip"))
+    assert failed.exit_code == 2 and "weights cannot be read" in failed.output, failed.output
+    assert files() == before

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sft_plugins.data.schema import Kind
+from sft_plugins.files import write_text_atomically
 
 SUMMARY_FILE = "data_summary.json"
 MAX_SAMPLES = 20
@@ -56,9 +57,9 @@ class DataSummary:
         """Write the summary as ``data_summary.json`` in ``output_dir`` (created if needed)."""
         directory = Path(output_dir)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / SUMMARY_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
-        return path
+        return write_text_atomically(directory / SUMMARY_FILE,
+                                     json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+                                     + "\n")
 
     def render(self) -> str:
         """A few human-readable lines: per split, kept and skipped by reason, then samples."""
