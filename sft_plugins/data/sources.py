@@ -325,6 +325,25 @@ def _element_chunks(elements: list[Any]) -> Iterator[tuple[list[bytes], list[int
         yield ([json.dumps(e, ensure_ascii=False).encode() for e in block], [None] * len(block))
 
 
+class _ReadError(Exception):
+    """A failure to read the data file, told apart from a failure to write the cache."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+def _read_through(chunks: Iterator[Any]) -> Iterator[Any]:
+    while True:
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return
+        except (OSError, EOFError, zlib.error) as exc:
+            raise _ReadError(exc) from exc
+        yield chunk
+
+
 def _raw_dataset(path: Path, chunks: Iterator[tuple[list[bytes], list[int | None]]],
                  cache_dir: str | None) -> Dataset:
     """Write raw rows to a memory-mapped Arrow file in the cache, once per version of the file.
@@ -343,11 +362,17 @@ def _raw_dataset(path: Path, chunks: Iterator[tuple[list[bytes], list[int | None
         try:
             with pa.OSFile(str(partial), "wb") as sink, \
                     pa.ipc.new_stream(sink, RAW_SCHEMA) as out:
-                for raws, lines in chunks:
+                for raws, lines in _read_through(chunks):
                     out.write_batch(pa.record_batch(
                         [pa.array(raws, pa.binary()), pa.array(lines, pa.int64())],
                         schema=RAW_SCHEMA))
             os.replace(partial, target)
+        except _ReadError as failure:
+            raise failure.cause from None  # the data file itself: the caller names it
+        except OSError as exc:
+            raise DataError(f"{path}: cannot write its copy into the data cache {directory} "
+                            f"({exc.strerror or exc}); free space there, or point the cache "
+                            "elsewhere (HF_DATASETS_CACHE, or cache_dir=)") from None
         finally:
             partial.unlink(missing_ok=True)
     return Dataset.from_file(str(target))
