@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
@@ -73,6 +75,24 @@ def install(site_dir: Path) -> DistributionMaker:
         return site_dir
 
     return _install
+
+
+SmallDisk = Callable[[Path, int, str], "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture
+def on_small_disk() -> SmallDisk:
+    """``run(mountpoint, size, command)``: the shell ``command`` with a tmpfs of ``size`` bytes
+    mounted at ``mountpoint``, in a user and mount namespace of its own (``unshare``: no
+    privileges needed, nothing mounted outside). What it wrote there is gone afterwards."""
+
+    def run(mountpoint: Path, size: int, command: str) -> subprocess.CompletedProcess[str]:
+        assert shutil.which("unshare"), "util-linux's unshare is needed"
+        script = f"mount -t tmpfs -o size={size} tmpfs '{mountpoint}' && {command}"
+        return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                               script], capture_output=True, text=True, timeout=300)
+
+    return run
 
 
 @pytest.fixture(scope="module")

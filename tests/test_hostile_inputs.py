@@ -319,22 +319,18 @@ def test_hostile_input_is_one_error_line(case: Case, world: Path, tmp_path: Path
     assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
 
 
-def test_a_full_data_cache_is_named_not_blamed_on_the_data_file(tmp_path: Path) -> None:
-    """The cache on a 256 KiB tmpfs (in a user and mount namespace of its own) and a 2 MB data
-    file: the error names the cache and says what to do, not that the data is unreadable."""
-    import shutil
-    import subprocess
+def test_a_full_data_cache_is_named_not_blamed_on_the_data_file(tmp_path: Path,
+                                                                on_small_disk) -> None:
+    """The cache on a 256 KiB tmpfs and a 2 MB data file: the error names the cache and says
+    what to do, not that the data is unreadable."""
     import sys
 
     data = tmp_path / "big.jsonl"
     data.write_text((json.dumps(GOOD) + "\n") * 20_000)
     cache = tmp_path / "cache"
     cache.mkdir()
-    script = (f"mount -t tmpfs -o size=256k tmpfs '{cache}' && HF_DATASETS_CACHE='{cache}' "
-              f"'{sys.executable}' -m sft_plugins check-data '{data}'")
-    assert shutil.which("unshare")
-    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                             script], capture_output=True, text=True, timeout=300)
+    result = on_small_disk(cache, 256 << 10, f"HF_DATASETS_CACHE='{cache}' '{sys.executable}' "
+                                             f"-m sft_plugins check-data '{data}'")
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-2000:]
     errors = [line for line in output.splitlines() if line.startswith("error: ")]

@@ -361,13 +361,10 @@ print("STATE " + json.dumps({p.name: sorted(c.name for c in p.iterdir()) if p.is
 
 @pytest.mark.slow
 def test_a_full_disk_while_saving_is_one_line_and_leaves_the_previous_checkpoint(
-        chat_model_dir, chat_data_file, tmp_path):
-    """--output_dir on a tmpfs (in a user and mount namespace of its own) with room for one
-    checkpoint and a half: the second save fails for space. One error line naming the directory
-    and the bytes, exit 2, the partial checkpoint-2 removed, checkpoint-1 complete."""
-    import shutil
-    import subprocess
-
+        chat_model_dir, chat_data_file, tmp_path, on_small_disk):
+    """--output_dir on a tmpfs with room for one checkpoint and a half: the second save fails
+    for space. One error line naming the directory and the bytes, exit 2, the partial
+    checkpoint-2 removed, checkpoint-1 complete."""
     saving = ("--save_strategy", "steps", "--save_steps", "1", "--max_steps", "3")
     sized = tmp_path / "sized"
     assert invoke(base_args(chat_model_dir, chat_data_file, sized, *saving,
@@ -379,11 +376,7 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_the_previous_checkpoint
                                          *base_args(chat_model_dir, chat_data_file, out,
                                                     *saving)])
     inspect = f"'{sys.executable}' -c '{INSPECT}' '{out}'"
-    script = (f"mount -t tmpfs -o size={int(one * 1.5)} tmpfs '{out}' && {train}; "
-              f"echo EXIT $?; {inspect}")
-    assert shutil.which("unshare")
-    result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                             script], capture_output=True, text=True, timeout=300)
+    result = on_small_disk(out, int(one * 1.5), f"{train}; echo EXIT $?; {inspect}")
     output = result.stdout + result.stderr
     assert "EXIT 2" in output, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
