@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -130,3 +131,57 @@ def test_processes_that_would_train_alone_are_stopped_before_training(
             "alone" in done.stderr)
     assert "--use_cpu true" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_saves_on_both_and_the_run_resumes(chat_model_dir, chat_data_file,
+                                                               tmp_path):
+    """A scheduler that signals one rank only: the ranks agree at the end of the step, save one
+    checkpoint together and stop; resuming on two ranks reproduces the uninterrupted losses."""
+    import signal
+    import time
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    steps = ("--max_steps", "300", "--save_strategy", "no", "--per_device_train_batch_size",
+             "2")
+    whole, part = tmp_path / "whole", tmp_path / "part"
+
+    def launch(out: Path, port: str, *extra: str) -> list[str]:
+        return [torchrun, "--nproc_per_node", "2", "--master_port", port,
+                *train_args(chat_model_dir, chat_data_file, out, *steps, *extra)]
+
+    run(launch(whole, "29541"), tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    process = subprocess.Popen(launch(part, "29542"), cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (part / "preparation.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.5)
+    workers = sorted(_children(process.pid))
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGTERM)  # one rank only
+    output, _ = process.communicate(timeout=120)
+    stopped = [int(n) for n in re.findall(r"stopped by SIGTERM after step (\d+)", output)]
+    assert stopped, output[-3000:]
+    step = stopped[0]
+    assert 0 < step < 300
+    assert (part / f"checkpoint-{step}" / "sft_plugins_complete.json").is_file()
+    assert not (part / "model.safetensors").exists()
+    run(launch(part, "29543", "--resume_from_checkpoint", "true"), tmp_path)
+    assert logged_losses(part) == pytest.approx(logged_losses(whole), rel=1e-4)
