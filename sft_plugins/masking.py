@@ -31,7 +31,7 @@ import math
 import os
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
@@ -41,6 +41,15 @@ import torch
 from tokenizers.pre_tokenizers import ByteLevel
 
 from sft_plugins.errors import DataError, MaskingError, PluginOptionError, SFTPluginsError
+from sft_plugins.literal_text import (
+    SpecialText,
+    plain_encoder,
+    protect,
+    restore,
+    special_text,
+    splice,
+    token_ranges_from_offsets,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -452,6 +461,10 @@ class MaskingCollator:
     end-of-sequence token, which a model must learn to produce.
     ``on_invalid``: ``raise`` (default) or ``skip`` (counted and reported) for an example that
     cannot be masked: no assistant turn, empty completion, a span outside the text...
+    ``literal_special_tokens``: special-token strings inside the data (``<|eot_id|>`` quoted
+    in an answer) are tokenized as the text they are (default, with a fast tokenizer), not as
+    the special tokens; ``False`` gives ``apply_chat_template``'s behaviour
+    (:mod:`sft_plugins.literal_text`).
     """
 
     name: ClassVar[str] = ""
@@ -476,7 +489,7 @@ class MaskingCollator:
     def __init__(self, *, max_length: int | None = None, truncation: Truncation = "keep_start",
                  strict: bool = False, pad_to_multiple_of: int | None = None,
                  padding_side: Literal["right", "left"] = "right", pad_token: str | None = None,
-                 on_invalid: OnInvalid = "raise") -> None:
+                 on_invalid: OnInvalid = "raise", literal_special_tokens: bool = True) -> None:
         if max_length is not None and max_length < 1:
             raise self._option_error("max_length", max_length, "a positive number of tokens")
         if truncation not in TRUNCATIONS:
@@ -494,6 +507,7 @@ class MaskingCollator:
         self.padding_side = padding_side
         self.pad_token = pad_token
         self.on_invalid = on_invalid
+        self.literal_special_tokens = literal_special_tokens
         self.pad_token_id: int | None = None
         """Set by :meth:`prepare` (or by hand when only padding is needed)."""
 
@@ -575,7 +589,10 @@ class MaskingCollator:
             num_proc=num_proc, remove_columns=dataset.column_names,
             load_from_cache_file=load_from_cache_file, desc=desc,
             fn_kwargs={"collator": self, "tokenizer": tokenizer, "template": template,
-                       "eos_text": eos_text})
+                       "eos_text": eos_text,
+                       "special": special_text(tokenizer)
+                       if self.literal_special_tokens and getattr(tokenizer, "is_fast", False)
+                       else None})
         total = len(mapped)
         # Count in Arrow: a million kept rows never become a million Python strings.
         reasons = mapped.data.column(SKIP_COLUMN)
@@ -749,8 +766,8 @@ def _where(index: int, row: Mapping[str, Any]) -> str:
 
 def _prepare_batch(batch: dict[str, list[Any]], indices: list[int], *,
                    collator: MaskingCollator, tokenizer: Any,
-                   template: ChatTemplate | None, eos_text: str | None
-                   ) -> pa.Table:
+                   template: ChatTemplate | None, eos_text: str | None,
+                   special: SpecialText | None = None) -> pa.Table:
     """The ``datasets.map`` function: render, tokenize in one call, mask, truncate.
 
     It returns an Arrow table with explicit column types: ``datasets`` would otherwise scan
@@ -777,9 +794,16 @@ def _prepare_batch(batch: dict[str, list[Any]], indices: list[int], *,
 
     pending: list[tuple[int, RenderedExample, Weighting]] = []
     results: dict[int, Any] = {}
+    literal: dict[int, list[tuple[int, int]]] = {}  # example -> special-token text it holds
     for index, row in zip(indices, rows, strict=True):
         try:
+            originals: list[str] = []
+            if special is not None:
+                row, originals = protect(row, special)
             rendered = render_example(row, template, eos_text)
+            if originals:
+                text, literal[index] = restore(rendered.text, originals)
+                rendered = replace(rendered, text=text)
             weighting = collator.weigh(rendered)
             _check_spans(weighting.spans, len(rendered.text))
         except SkipExample as error:
@@ -794,8 +818,14 @@ def _prepare_batch(batch: dict[str, list[Any]], indices: list[int], *,
     byte_level = _byte_level(tokenizer) if fast else None
     encodings = collator.encode_batch([p[1] for p in pending], tokenizer,
                                       offsets=byte_level is None) if fast else []
+    encoder = plain_encoder(tokenizer) if literal and fast else None
     for k, (index, rendered, weighting) in enumerate(pending):
-        if fast:
+        if index in literal and fast:  # special-token text from the data: as plain text
+            encoding = collator.encode_batch([rendered], tokenizer)[0]
+            ids, offsets = splice(encoding.ids, encoding.offsets, rendered.text,
+                                  literal[index], special, encoder)  # type: ignore[arg-type]
+            ranges = token_ranges_from_offsets(offsets, weighting.spans)
+        elif fast:
             ids = encodings[k].ids
             ranges = None
             if byte_level is not None and not rendered.add_special_tokens:
