@@ -73,3 +73,18 @@ def test_parse_column_map() -> None:
     assert parse_column_map(None) == {}
     with pytest.raises(DataError, match="expected source=target pairs"):
         parse_column_map("question")
+
+
+def test_check_data_counts_examples_holding_special_token_text(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Say <|eot_id|> twice"},
+                          {"role": "assistant", "content": "<|eot_id|> <|eot_id|>"}]},
+            {"messages": [{"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello"}]}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(main, ["check-data", str(path), "--template", "llama-3.1"])
+    assert result.exit_code == 0, result.output
+    assert "train: 1 example(s) hold the template's special-token text" in result.output
+    as_json = CliRunner().invoke(main, ["check-data", str(path), "--template", "llama-3.1",
+                                        "--json"])
+    assert json.loads(as_json.output)["special_token_text"] == {"train": 1}

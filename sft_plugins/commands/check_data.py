@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 from rich.console import Console
@@ -48,11 +49,42 @@ def check_data_command(dataset: tuple[str, ...], eval_dataset: tuple[str, ...],
                             on_bad_example=on_bad_example,  # type: ignore[arg-type]
                             eval_dataset=list(eval_dataset) or None, num_proc=num_proc,
                             output_dir=output_dir)
+    quoted = {} if template is None else {
+        name: count for name, split in (("train", data.train), ("eval", data.eval))
+        if split is not None and (count := _holding_special_text(split, template))}
     if as_json:
-        click.echo(json.dumps(data.summary.to_dict(), indent=2, ensure_ascii=False))
+        report = data.summary.to_dict()
+        if quoted:
+            report["special_token_text"] = quoted
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         _print(data.summary)
+        for name, count in quoted.items():
+            Console(soft_wrap=True).print(
+                f"{name}: {count} example(s) hold the template's special-token text in their "
+                f"messages ({escape(', '.join(_special_strings(template)))}); it is trained as "
+                "text (the collator option literal_special_tokens=False reads it as tokens)",
+                highlight=False)
     sys.exit(1 if data.summary.skipped_total else 0)
+
+
+def _special_strings(template: Any) -> list[str]:
+    """The special tokens a template names: what data should not hold by accident."""
+    return sorted({template.bos_token, template.eos_token, template.end_of_turn,
+                   template.pad_token, *template.stop_tokens} - {None, ""})
+
+
+def _holding_special_text(dataset: Any, template: Any) -> int:
+    """How many conversations have a special token's string in a message's content."""
+    strings = _special_strings(template)
+    if not strings or "messages" not in dataset.column_names:
+        return 0
+    count = 0
+    for batch in dataset.select_columns(["messages"]).iter(batch_size=1000):
+        for messages in batch["messages"]:
+            texts = [m.get("content") for m in messages or []]
+            count += any(isinstance(t, str) and any(s in t for s in strings) for t in texts)
+    return count
 
 
 def _print(summary: DataSummary) -> None:
