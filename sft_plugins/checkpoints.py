@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from sft_plugins.errors import SFTPluginsError
+from sft_plugins.files import sync_to_disk, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -37,29 +38,17 @@ class CheckpointError(SFTPluginsError):
     """A checkpoint cannot be resumed from, or cannot be written."""
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def mark_complete(directory: str | os.PathLike[str], step: int) -> None:
     """Sync every file of ``directory`` to disk, then record it as complete."""
     root = Path(directory)
     sizes: dict[str, int] = {}
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.name != COMPLETE_FILE:
-            _fsync(path)
+            sync_to_disk(path)
             sizes[path.relative_to(root).as_posix()] = path.stat().st_size
-    partial = root / f".{COMPLETE_FILE}.partial"
-    with open(partial, "w") as handle:
-        json.dump({"global_step": step, "files": sizes}, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, root / COMPLETE_FILE)
-    _fsync(root)
+    write_text_atomically(root / COMPLETE_FILE,
+                          json.dumps({"global_step": step, "files": sizes}, indent=1),
+                          fsync=True)
 
 
 def incomplete_reason(directory: str | os.PathLike[str]) -> str | None:

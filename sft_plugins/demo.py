@@ -304,8 +304,8 @@ def _staged(out: Path) -> Iterator[Path]:
 def run_demo(output_dir: str | Path = "demo-output", *, max_steps: int = 600,
              batch_size: int = 32, learning_rate: float = 3e-3, seed: int = 0,
              eval_steps: int = 40, stop_at: float | None = 0.98, validation_size: int = 400,
-             heldout_size: int = 500, lr_scheduler_type: str = "cosine",
-             console: Console | None = None, started: float | None = None) -> DemoResult:
+             heldout_size: int = 500, console: Console | None = None,
+             started: float | None = None) -> DemoResult:
     """Train and evaluate the demo model; see the module docstring. ``started`` is the
     ``time.perf_counter()`` the reported wall time counts from (default: now)."""
     from sft_plugins import get_plugin_manager
@@ -347,7 +347,7 @@ def run_demo(output_dir: str | Path = "demo-output", *, max_steps: int = 600,
         args = TrainingArguments(
             output_dir=str(staging), max_steps=max_steps,
             per_device_train_batch_size=batch_size, learning_rate=learning_rate,
-            lr_scheduler_type=lr_scheduler_type, warmup_steps=40, weight_decay=0.0,
+            lr_scheduler_type="cosine", warmup_steps=40, weight_decay=0.0,
             adam_beta2=0.98, logging_steps=10, save_strategy="no", report_to=[], seed=seed,
             use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True,
             disable_tqdm=not interactive,

@@ -102,9 +102,10 @@ class PluginManager:
                                 f"{entry.name!r}\n")
 
     def _fail(self, plugin: str, detail: str, exc: BaseException) -> None:
+        error = self._error(plugin, detail, exc)
         if plugin not in self.distributions:  # not from an entry point: a bug, not user error
-            raise PluginLoadError(plugin, detail, cause=exc) from exc
-        self.errors.append(self._error(plugin, detail, exc))
+            raise error from exc
+        self.errors.append(error)
 
     def _error(self, plugin: str, detail: str, exc: BaseException | None) -> PluginLoadError:
         """An error naming ``plugin``, and its entry point and distribution when it has them."""

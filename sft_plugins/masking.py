@@ -423,13 +423,16 @@ class PreparationReport:
     first_skips: list[str] = field(default_factory=list)
     """The messages of the first skipped examples (index, source, what was wrong)."""
 
+    def skip_counts(self) -> str:
+        """``"2 too_long, 1 invalid"``: the skipped examples counted by reason."""
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+
     def summary(self) -> str:
         """One paragraph for the log, printed before training starts."""
         line = f"prepared {self.kept} of {self.total} examples"
         if not self.skipped:
             return line + "; none skipped"
-        counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        return "\n  ".join([f"{line}; skipped {self.total - self.kept}: {counts}",
+        return "\n  ".join([f"{line}; skipped {self.total - self.kept}: {self.skip_counts()}",
                             *self.first_skips])
 
 

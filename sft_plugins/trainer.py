@@ -255,15 +255,14 @@ class SFTPluginTrainer(Trainer):
                             "prepare a data set of conversations")
         prepared = self.collator.prepare(dataset, self._tokenizer, self.chat_template,
                                          num_proc=self.dataset_num_proc)
-        self.preparation[split] = prepared.report
-        report = prepared.report
+        report = self.preparation[split] = prepared.report
         if report.total and not report.kept:
-            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(report.skipped.items()))
             first = f"; the first: {report.first_skips[0]}" if report.first_skips else ""
             raise DataError(f"{split}: preparation kept none of the {report.total} examples "
-                            f"(skipped: {counts}{first}), so there is nothing to train on. "
-                            "Raise max_length, or change the collator's truncation rule")
-        logger.warning("%s: %s; %s", split, prepared.report.summary(),
+                            f"(skipped: {report.skip_counts()}{first}), so there is nothing to "
+                            "train on. Raise max_length, or change the collator's truncation "
+                            "rule")
+        logger.warning("%s: %s; %s", split, report.summary(),
                        trained_token_summary(prepared.dataset))
         return prepared.dataset
 

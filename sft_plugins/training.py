@@ -28,9 +28,7 @@ logger = logging.getLogger(__name__)
 
 def _check_template_tokens(template: ChatTemplate, tokenizer: Any) -> None:
     vocabulary = tokenizer.get_vocab()
-    used = {template.bos_token, template.eos_token, template.end_of_turn, template.pad_token,
-            *template.stop_tokens} - {None}
-    missing = sorted(t for t in used if t not in vocabulary)
+    missing = [t for t in template.special_tokens if t not in vocabulary]
     if missing:
         raise TemplateError(
             f"chat template {template.name!r} uses special tokens the tokenizer does not have: "

@@ -62,21 +62,15 @@ def check_data_command(dataset: tuple[str, ...], eval_dataset: tuple[str, ...],
         for name, count in quoted.items():
             Console(soft_wrap=True).print(
                 f"{name}: {count} example(s) hold the template's special-token text in their "
-                f"messages ({escape(', '.join(_special_strings(template)))}); it is trained as "
+                f"messages ({escape(', '.join(template.special_tokens))}); it is trained as "
                 "text (the collator option literal_special_tokens=False reads it as tokens)",
                 highlight=False)
     sys.exit(1 if data.summary.skipped_total else 0)
 
 
-def _special_strings(template: Any) -> list[str]:
-    """The special tokens a template names: what data should not hold by accident."""
-    return sorted({template.bos_token, template.eos_token, template.end_of_turn,
-                   template.pad_token, *template.stop_tokens} - {None, ""})
-
-
 def _holding_special_text(dataset: Any, template: Any) -> int:
     """How many conversations have a special token's string in a message's content."""
-    strings = _special_strings(template)
+    strings = template.special_tokens
     if not strings or "messages" not in dataset.column_names:
         return 0
     count = 0

@@ -175,9 +175,6 @@ def check_arguments(model_args: Any, data_args: Any, plugin_args: Any,
     if plugin_args.max_length is not None and plugin_args.max_length < 1:
         raise ConfigError(f"--max_length {plugin_args.max_length}: must be at least 1")
     _check_output_dir(Path(args.output_dir))
-    # the trainer resolves it again when training starts; here it fails before any loading
-    resolve_checkpoint(args.resume_from_checkpoint, args.output_dir,
-                       accept_incomplete=plugin_args.resume_incomplete)
 
 
 def _check_output_dir(out: Path) -> None:
@@ -215,6 +212,10 @@ def parse(argv: Sequence[str]) -> tuple[Any, ...]:
             raise
         raise ConfigError(f"invalid training arguments: {exc}") from None
     check_arguments(model_args, data_args, plugin_args, training_args)
+    # resolved here, before anything loads; the trainer is then given the directory itself
+    training_args.resume_from_checkpoint = resolve_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir,
+        accept_incomplete=plugin_args.resume_incomplete)
     return model_args, data_args, plugin_args, training_args, plugin_options(remaining)
 
 

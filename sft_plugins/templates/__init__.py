@@ -384,6 +384,13 @@ class ChatTemplate:
         tokenizer.chat_template = self.tokenizer_source
         return tokenizer
 
+    @property
+    def special_tokens(self) -> list[str]:
+        """The special tokens this template names (BOS, EOS, end of turn, pad, stops), sorted:
+        what the tokenizer must have, and what data should not hold by accident."""
+        return sorted({self.bos_token, self.eos_token, self.end_of_turn, self.pad_token,
+                       *self.stop_tokens} - {None, ""})
+
     def stop_token_ids(self, tokenizer: Any) -> list[int]:
         """Ids of the tokens generation should stop at (for ``GenerationConfig.eos_token_id``)."""
         vocab = tokenizer.get_vocab()
