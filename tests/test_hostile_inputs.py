@@ -213,7 +213,7 @@ def _cases() -> list[Case]:
         cases.append(Case(f"train-template:{name}", ("train", "--tokenizer_name_or_path",
                                                      f"{{root}}/tok-{name}"), "template"))
     cases.append(Case("render-template:latin1", ("render", "{root}/ok.jsonl", "--tokenizer",
-                                                 "{root}/tok-latin1"), "utf-8"))
+                                                 "{root}/tok-latin1"), "tok-latin1"))
     for name in MODELS:
         cases.append(Case(f"train-model:{name}", ("train", "--model_name_or_path",
                                                   f"{{root}}/model-{name}"), f"model-{name}"))

@@ -262,10 +262,11 @@ def render_command(path: Path, template_name: str | None, tokenizer_dir: Path | 
                    html_path: Path | None, json_output: bool) -> None:
     """Render the conversations in a JSONL file and show which parts are trained."""
     tokenizer = None
-    if tokenizer_dir is not None:
-        from transformers import AutoTokenizer
+    if tokenizer_dir is not None:  # the loader train uses: its failures name the directory
+        from sft_plugins.arguments import ModelArguments
+        from sft_plugins.modeling import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(tokenizer_dir)))
     template = resolve_template(template_name, tokenizer)
     examples = render_file(path, template, tokenizer,
                            add_generation_prompt=add_generation_prompt,
