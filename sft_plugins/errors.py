@@ -79,3 +79,23 @@ class ConversationError(TemplateError):
         super().__init__(message)
         self.message_index = message_index
         self.rule = rule
+
+
+class SkipExample(SFTPluginsError):
+    """One example cannot be trained on: raised by a data-set rule, a chat template's rule or a
+    collator, and counted under ``reason`` when the bad-example policy is ``skip``
+    (:mod:`sft_plugins.bad_examples`).
+
+    ``reason`` is a short, stable key (``missing_field``, ``no_trained_token``, ``too_long``...);
+    ``field`` names the part of the example at fault and ``expected`` what would be accepted,
+    when the rule is about one field.
+    """
+
+    def __init__(self, reason: str, problem: str, *, field: str = "",
+                 expected: str = "") -> None:
+        self.reason = reason
+        self.field = field
+        self.problem = problem
+        self.expected = expected
+        where = f"field {field!r}: " if field else ""
+        super().__init__(where + problem + (f"; expected {expected}" if expected else ""))

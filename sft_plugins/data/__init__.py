@@ -8,12 +8,12 @@ collator take, having checked every example; :func:`messages_from_row` and
 
 from __future__ import annotations
 
+from sft_plugins.bad_examples import location_of
 from sft_plugins.data.formats import FORMAT_COLUMNS, KNOWN_ROLES, parse_column_map
 from sft_plugins.data.prepare import SFTData, ValidatingTemplate, load_sft_dataset
 from sft_plugins.data.schema import (
     CONVERSATION_FEATURES,
     TEXT_FEATURES,
-    location_of,
     messages_from_row,
     tools_from_row,
 )

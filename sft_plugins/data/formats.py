@@ -1,8 +1,9 @@
 """The SFT data formats: detecting them from columns and turning one example into canonical form.
 
 Every function here works on one example (a ``dict`` read from a file) and either returns the
-canonical fields of :mod:`sft_plugins.data.schema` or raises :class:`BadExample`, which names the
-field, what was found and what was expected. Turning that into an error or a skip is the job of
+canonical fields of :mod:`sft_plugins.data.schema` or raises
+:class:`~sft_plugins.errors.SkipExample`, which names the field, what was found and what was
+expected. Turning that into an error or a skip is the job of
 :mod:`sft_plugins.data.prepare`; nothing here knows about files or Arrow.
 
 Formats (names accepted by ``format=`` / ``--dataset_format``):
@@ -22,11 +23,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from sft_plugins.data.schema import Kind
-from sft_plugins.errors import DataError
+from sft_plugins.errors import DataError, SkipExample
 
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 """Roles any template might accept; a template's own ``validate`` narrows them further."""
@@ -50,24 +50,6 @@ FORMAT_ALIASES = {
     "prompt-completion": "prompt_completion",
     "share_gpt": "sharegpt", "share-gpt": "sharegpt",
 }
-
-
-@dataclass
-class BadExample(Exception):
-    """One example breaks a rule. ``reason`` is a short stable code used to count skips.
-
-    ``field`` and ``expected`` may be empty when the rule concerns the whole example and the
-    problem says what to do (a chat template's complaint, say).
-    """
-
-    reason: str
-    field: str
-    problem: str
-    expected: str
-
-    def __str__(self) -> str:
-        where = f"field {self.field!r}: " if self.field else ""
-        return where + self.problem + (f"; expected {self.expected}" if self.expected else "")
 
 
 def normalise_format(name: str) -> str:
@@ -119,14 +101,14 @@ def _decoded(value: Any) -> Any:
 def _require(example: Mapping[str, Any], field: str) -> Any:
     value = example.get(field)
     if value is None:
-        raise BadExample("missing_field", field, "it is missing or null",
-                         "a value (or remap a column with column_map)")
+        raise SkipExample("missing_field", "it is missing or null", field=field,
+                          expected="a value (or remap a column with column_map)")
     return value
 
 
 def _string(value: Any, field: str, *, reason: str = "content_not_string") -> str:
     if not isinstance(value, str):
-        raise BadExample(reason, field, f"found {_type_name(value)}", "a string")
+        raise SkipExample(reason, f"found {_type_name(value)}", field=field, expected="a string")
     return value
 
 
@@ -150,29 +132,29 @@ def _tool_calls(value: Any, field: str) -> str | None:
     if value is None or value == []:
         return None
     if not isinstance(value, list):
-        raise BadExample("bad_tool_calls", field, f"found {_type_name(value)}",
-                         "a list of tool calls")
+        raise SkipExample("bad_tool_calls", f"found {_type_name(value)}", field=field,
+                          expected="a list of tool calls")
     calls = []
     for i, call in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(call, dict):
-            raise BadExample("bad_tool_calls", where, f"found {_type_name(call)}",
-                             "an object with 'function': {'name', 'arguments'}")
+            raise SkipExample("bad_tool_calls", f"found {_type_name(call)}", field=where,
+                              expected="an object with 'function': {'name', 'arguments'}")
         function = call.get("function", call)
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise BadExample("bad_tool_calls", f"{where}.function.name",
-                             "the tool name is missing or not a string", "a string")
+            raise SkipExample("bad_tool_calls", "the tool name is missing or not a string",
+                              field=f"{where}.function.name", expected="a string")
         arguments = function.get("arguments", {})
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
             except ValueError:
-                raise BadExample("bad_tool_calls", f"{where}.function.arguments",
-                                 "a string that is not valid JSON",
-                                 "an object or a JSON-encoded object") from None
+                raise SkipExample("bad_tool_calls", "a string that is not valid JSON",
+                                  field=f"{where}.function.arguments",
+                                  expected="an object or a JSON-encoded object") from None
         if not isinstance(arguments, dict):
-            raise BadExample("bad_tool_calls", f"{where}.function.arguments",
-                             f"found {_type_name(arguments)}", "an object")
+            raise SkipExample("bad_tool_calls", f"found {_type_name(arguments)}",
+                              field=f"{where}.function.arguments", expected="an object")
         entry: dict[str, Any] = {"type": call.get("type", "function"),
                                  "function": {"name": function["name"], "arguments": arguments}}
         if isinstance(call.get("id"), str):
@@ -184,16 +166,16 @@ def _tool_calls(value: Any, field: str) -> str | None:
 def _message(value: Any, field: str, *, role_key: str = "role", content_key: str = "content",
              role_map: Mapping[str, str] | None = None) -> dict[str, str | None]:
     if not isinstance(value, dict):
-        raise BadExample("message_not_object", field, f"found {_type_name(value)}",
-                         f"an object with {role_key!r} and {content_key!r}")
+        raise SkipExample("message_not_object", f"found {_type_name(value)}", field=field,
+                          expected=f"an object with {role_key!r} and {content_key!r}")
     role = value.get(role_key)
     if not isinstance(role, str):
-        raise BadExample("unknown_role", f"{field}.{role_key}", f"found {_type_name(role)}",
-                         f"one of {', '.join(role_map or KNOWN_ROLES)}")
+        raise SkipExample("unknown_role", f"found {_type_name(role)}", field=f"{field}.{role_key}",
+                          expected=f"one of {', '.join(role_map or KNOWN_ROLES)}")
     if role_map is not None:
         if role not in role_map:
-            raise BadExample("unknown_role", f"{field}.{role_key}", f"unknown role {role!r}",
-                             f"one of {', '.join(role_map)}")
+            raise SkipExample("unknown_role", f"unknown role {role!r}", field=f"{field}.{role_key}",
+                              expected=f"one of {', '.join(role_map)}")
         role = role_map[role]
     tool_calls = _tool_calls(value.get("tool_calls"), f"{field}.tool_calls")
     content = value.get(content_key)
@@ -216,8 +198,8 @@ def _message(value: Any, field: str, *, role_key: str = "role", content_key: str
 def _message_list(value: Any, field: str, **message_options: Any) -> list[dict[str, str | None]]:
     value = _decoded(value)
     if not isinstance(value, list):
-        raise BadExample("not_a_message_list", field, f"found {_type_name(value)}",
-                         "a list of messages")
+        raise SkipExample("not_a_message_list", f"found {_type_name(value)}", field=field,
+                          expected="a list of messages")
     if not message_options:
         plain = [_plain_message(m) for m in value]
         if all(plain):  # the common case, without building a field name per message
@@ -240,8 +222,8 @@ def _tools(example: Mapping[str, Any]) -> str | None:
     if tools is None or tools == []:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise BadExample("bad_tools", "tools", f"found {_type_name(tools)}",
-                         "a list of tool definitions (JSON schema objects)")
+        raise SkipExample("bad_tools", f"found {_type_name(tools)}", field="tools",
+                          expected="a list of tool definitions (JSON schema objects)")
     return json.dumps(tools, ensure_ascii=False)
 
 
@@ -291,15 +273,16 @@ def _prompt_completion_text(example: Mapping[str, Any]) -> dict[str, Any]:
     prompt = _string(_require(example, "prompt"), "prompt", reason="not_a_string")
     completion = _string(_require(example, "completion"), "completion", reason="not_a_string")
     if not completion.strip():
-        raise BadExample("empty_completion", "completion", "it is empty",
-                         "the text to train on")
+        raise SkipExample("empty_completion", "it is empty", field="completion",
+                          expected="the text to train on")
     return {"text": prompt + completion, "completion_offset": len(prompt)}
 
 
 def _text(example: Mapping[str, Any]) -> dict[str, Any]:
     text = _string(_require(example, "text"), "text", reason="not_a_string")
     if not text.strip():
-        raise BadExample("empty_text", "text", "it is empty", "the text to train on")
+        raise SkipExample("empty_text", "it is empty", field="text",
+                          expected="the text to train on")
     return {"text": text, "completion_offset": None}
 
 
@@ -331,22 +314,21 @@ def check_conversation(format_name: str, messages: list[dict[str, str | None]],
     with non-empty content or at least one tool call.
     """
     if not messages:
-        raise BadExample("no_messages", "messages", "the conversation is empty",
-                         "at least one user and one assistant message")
+        raise SkipExample("no_messages", "the conversation is empty", field="messages",
+                          expected="at least one user and one assistant message")
     for i, message in enumerate(messages):
         if message["role"] not in KNOWN_ROLES:
-            raise BadExample("unknown_role",
-                             f"{message_field(format_name, i, completion_index)}.role",
-                             f"unknown role {message['role']!r}",
-                             f"one of {', '.join(KNOWN_ROLES)}")
+            raise SkipExample("unknown_role", f"unknown role {message['role']!r}",
+                              field=f"{message_field(format_name, i, completion_index)}.role",
+                              expected=f"one of {', '.join(KNOWN_ROLES)}")
     start = completion_index or 0
     if not any(m["role"] == "assistant" and ((m["content"] or "").strip() or m["tool_calls"])
                for m in messages[start:]):
         where = {"prompt_completion": "completion", "alpaca": "output",
                  "sharegpt": "conversations"}.get(format_name, "messages")
-        raise BadExample("no_assistant_content", where,
-                         "no assistant turn with non-empty content or tool calls",
-                         "at least one assistant turn to train on")
+        raise SkipExample("no_assistant_content",
+                          "no assistant turn with non-empty content or tool calls", field=where,
+                          expected="at least one assistant turn to train on")
 
 
 def parse_column_map(text: str | None) -> dict[str, str]:

@@ -18,18 +18,17 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from datasets.fingerprint import Hasher
 
 from sft_plugins import __version__
+from sft_plugins.bad_examples import QUOTED, OnBadExample, count_skips, describe_location
 from sft_plugins.data.formats import (
     CANONICALISERS,
     FORMAT_COLUMNS,
-    BadExample,
     check_conversation,
     detect_format,
     kind_of,
@@ -41,17 +40,16 @@ from sft_plugins.data.schema import (
     BAD_MESSAGE,
     BAD_REASON,
     Kind,
-    describe_location,
     features_for,
     messages_from_row,
 )
 from sft_plugins.data.sources import RAW, Piece, Source, load_pieces, loads_strict, rename
-from sft_plugins.data.summary import MAX_SAMPLES, DataSummary, SplitSummary
-from sft_plugins.errors import DataError, TemplateError
+from sft_plugins.data.summary import DataSummary, SplitSummary
+from sft_plugins.errors import DataError, SkipExample, TemplateError
+from sft_plugins.processes import tokenizers_parallelism_kept
 
 logger = logging.getLogger(__name__)
 
-OnBadExample = Literal["error", "skip"]
 PARALLEL_MIN_ROWS = 20_000
 """Below this many rows one process prepares faster than starting workers."""
 
@@ -225,20 +223,12 @@ def _prepare_piece(piece: Piece, format_name: str, kind: Kind, options: _Options
     fingerprint = Hasher.hash([piece.dataset._fingerprint, format_name, kind,
                                sorted(options.column_map.items()),
                                _template_fingerprint(options.template), __version__])
-    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
-    try:
+    with tokenizers_parallelism_kept():
         dataset = piece.dataset.map(
             function, batched=True, with_indices=True, features=features_for(kind),
             remove_columns=piece.dataset.column_names,
             num_proc=num_proc if num_proc > 1 else None,  # 1 would still start a worker pool
             new_fingerprint=fingerprint, desc=f"Preparing {os.path.basename(piece.name)}")
-    finally:  # datasets sets it to false in the process environment the Rust tokenizer
-        # reads, and restores only its Python copy of os.environ: later tokenization would
-        # run on one thread
-        if parallelism is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
     record.examples += len(dataset)
     dataset = _drop_bad(dataset, piece.name, options.on_bad_example, record)
     record.kept += len(dataset)
@@ -262,21 +252,15 @@ def _template_fingerprint(template: object) -> str:
 def _drop_bad(dataset: Dataset, name: str, on_bad_example: OnBadExample,
               record: SplitSummary) -> Dataset:
     """Raise for, or count and drop, the rows the map marked bad; then drop the working columns."""
-    reasons = dataset.data.column(BAD_REASON)
-    bad = pc.is_valid(reasons)
-    bad_count = pc.sum(bad).as_py() or 0
-    if bad_count:
-        bad_rows = pc.indices_nonzero(bad)
-        messages = dataset.data.column(BAD_MESSAGE).take(bad_rows[:MAX_SAMPLES]).to_pylist()
+    bad = count_skips(dataset.data.column(BAD_REASON))
+    if bad.total:
+        messages = dataset.data.column(BAD_MESSAGE).take(bad.positions[:QUOTED]).to_pylist()
         if on_bad_example == "error":
-            more = (f" {bad_count - 1} more bad example(s) in {name}." if bad_count > 1 else "")
+            more = (f" {bad.total - 1} more bad example(s) in {name}." if bad.total > 1 else "")
             raise DataError(f"{messages[0]}.{more} Fix the data, or pass on_bad_example='skip' "
                             "(--on_bad_example skip) to drop bad examples and report them.")
-        counts = pc.value_counts(reasons.drop_null())
-        record.add_skipped({str(c["values"]): int(c["counts"]) for c in counts.to_pylist()},
-                           [str(m) for m in messages])
-        keep = pc.indices_nonzero(pc.invert(bad)).to_numpy(zero_copy_only=False)
-        dataset = dataset.select(np.asarray(keep, dtype=np.int64))
+        record.add_skipped(bad.counts, [str(m) for m in messages])
+        dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), bad.positions))
     return dataset.remove_columns([BAD_REASON, BAD_MESSAGE])
 
 
@@ -319,7 +303,7 @@ class _Canonicaliser:
             try:
                 fields = self._canonical(batch, position)
                 reason = message = None
-            except BadExample as bad:
+            except SkipExample as bad:
                 fields, reason = self._empty(), bad.reason
                 message = f"{describe_location(self.source_file, row, line)}: {bad}"
             fields.update(source_file=self.source_file, source_row=row, source_line=line)
@@ -347,7 +331,7 @@ class _Canonicaliser:
             index = getattr(exc, "message_index", None)
             field = ("" if index is None else
                      message_field(self.format_name, index, fields["completion_index"]))
-            raise BadExample(_template_reason(template, exc), field, str(exc), "") from None
+            raise SkipExample(_template_reason(template, exc), str(exc), field=field) from None
 
     def _example(self, batch: dict[str, list[Any]], position: int) -> dict[str, Any]:
         if not self.raw:
@@ -355,15 +339,15 @@ class _Canonicaliser:
         try:
             value = loads_strict(batch[RAW][position])
         except UnicodeDecodeError:
-            raise BadExample("invalid_json", "(line)", "the line is not valid UTF-8",
-                             "one JSON object per line, UTF-8 encoded") from None
+            raise SkipExample("invalid_json", "the line is not valid UTF-8", field="(line)",
+                              expected="one JSON object per line, UTF-8 encoded") from None
         except ValueError as exc:
-            raise BadExample("invalid_json", "(line)", f"not valid JSON ({exc})",
-                             "one JSON object per line") from None
+            raise SkipExample("invalid_json", f"not valid JSON ({exc})", field="(line)",
+                              expected="one JSON object per line") from None
         if not isinstance(value, dict):
             unit = "line" if batch["source_line"][position] is not None else "array element"
-            raise BadExample("invalid_json", f"({unit})", f"a JSON {type(value).__name__}",
-                             f"one JSON object per {unit}")
+            raise SkipExample("invalid_json", f"a JSON {type(value).__name__}", field=f"({unit})",
+                              expected=f"one JSON object per {unit}")
         return {self.column_map.get(k, k): v for k, v in value.items()}
 
     def _empty(self) -> dict[str, Any]:

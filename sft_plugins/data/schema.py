@@ -85,15 +85,3 @@ def tools_from_row(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     """The tool definitions of a prepared conversation row, or ``None`` if it offers none."""
     tools = row.get("tools")
     return None if tools is None else json.loads(tools)
-
-
-def describe_location(source_file: str, source_row: int, source_line: int | None) -> str:
-    """``file:line`` for JSON Lines, ``file, example index N`` for everything else."""
-    if source_line is not None:
-        return f"{source_file}:{source_line}"
-    return f"{source_file}, example index {source_row}"
-
-
-def location_of(row: Mapping[str, Any]) -> str:
-    """Where a prepared row came from, for error messages of later stages (masking, ...)."""
-    return describe_location(row["source_file"], row["source_row"], row.get("source_line"))

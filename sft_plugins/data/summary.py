@@ -6,12 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sft_plugins.bad_examples import QUOTED
 from sft_plugins.data.schema import Kind
 from sft_plugins.files import write_text_atomically
 
 SUMMARY_FILE = "data_summary.json"
-MAX_SAMPLES = 20
-"""How many skipped examples the summary quotes in full (the counts cover all of them)."""
 
 
 @dataclass
@@ -35,7 +34,7 @@ class SplitSummary:
     def add_skipped(self, counts: dict[str, int], samples: list[str]) -> None:
         for reason, count in counts.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + count
-        self.samples.extend(samples[: MAX_SAMPLES - len(self.samples)])
+        self.samples.extend(samples[: QUOTED - len(self.samples)])
 
 
 @dataclass
