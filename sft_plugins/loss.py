@@ -25,6 +25,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+"""The label of a token that carries no loss (what ``torch.nn.CrossEntropyLoss`` ignores)."""
+WEIGHTS_KEY = "loss_weights"
+"""The batch and data-set column of per-token loss weights (present only when some weight is
+strictly between 0 and 1)."""
 
 FAST_PATH_MODEL_TYPES = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
@@ -137,6 +141,7 @@ def capture_last_hidden_state(decoder: nn.Module) -> Iterator[list[torch.Tensor]
 __all__ = [
     "FAST_PATH_MODEL_TYPES",
     "IGNORE_INDEX",
+    "WEIGHTS_KEY",
     "TokenLoss",
     "capture_last_hidden_state",
     "loss_from_hidden_states",
