@@ -8,8 +8,13 @@ onto the input embeddings for the duration of ``train()`` only.
 Plugins never subclass the Trainer. Downstream code may, and is meant to override only these:
 
 ``prepare_dataset(dataset, split)``
-    Turn conversations into ``input_ids``/``labels``/``loss_weights`` rows (default: the
-    collator's ``prepare``); data that already has ``input_ids`` is used as is.
+    The extension point for custom data preparation: turn one split's rows into
+    ``input_ids``/``labels``/``loss_weights`` rows (default: the collator's ``prepare``; data
+    that already has ``input_ids`` is used as is). It runs once per split after
+    ``Trainer.__init__``, on the main process first (``args.main_process_first``), so it may
+    use ``self.args``, ``self.accelerator``, ``self.processing_class``, ``self.collator`` and
+    ``self.chat_template``, and the other ranks load what the main process wrote to the
+    ``datasets`` cache.
 
 ``compute_token_loss(model, inputs, labels, loss_weights)``
     Run the model and return the micro-batch's un-normalised :class:`~sft_plugins.loss.TokenLoss`.
@@ -107,6 +112,10 @@ class SFTPluginTrainer(Trainer):
     example, so attention and loss never cross examples (:mod:`sft_plugins.packing`); a model
     on ``sdpa`` is switched to ``sdpa_packed``, which attends one example at a time
     (:mod:`sft_plugins.attention`).
+
+    ``Trainer.__init__`` runs first, with the data sets as given; then every split goes through
+    :meth:`prepare_dataset` under ``args.main_process_first`` and the prepared sets become
+    ``train_dataset``/``eval_dataset``.
     """
 
     loss_is_scaled_for_ga = True  # normalised by the step's total weight, never divided again
@@ -146,41 +155,22 @@ class SFTPluginTrainer(Trainer):
         self.full_logits = full_logits
         """Always use the model's full logits (to compare against, or to debug)."""
         self.dataset_num_proc = dataset_num_proc
-        self.chat_template = self._resolve_template(template, template_options,
-                                                    processing_class)
-        if self.chat_template is not None and processing_class is not None:
-            self.chat_template.configure_tokenizer(processing_class)
-            if model is not None:
-                self._configure_generation(_core_model(model), processing_class)
-        self.collator = self._resolve(collator, collator_options, self.plugin_manager.collators)
-        self.perturber = (None if perturber is None else
-                          self._resolve(perturber, perturber_options,
-                                        self.plugin_manager.perturbers))
+        self._resolve_plugins(model, processing_class, template=template,
+                              template_options=template_options, collator=collator,
+                              collator_options=collator_options, perturber=perturber,
+                              perturber_options=perturber_options)
         self._tokenizer = processing_class
         self.preparation: dict[str, PreparationReport] = {}
-        if train_dataset is not None:
-            train_dataset = self._prepare_for(model, train_dataset, "train")
-            if packing:  # best-fit rows, see sft_plugins.packing
-                train_dataset = pack_prepared(train_dataset,
-                                              packing_max_length or self.collator.max_length)
-                if model is not None:
-                    attend_packed_rows_by_example(_core_model(model))
-        if isinstance(eval_dataset, Dataset):
-            eval_dataset = self._prepare_for(model, eval_dataset, "eval")
-        elif isinstance(eval_dataset, Mapping):
-            eval_dataset = {k: self._prepare_for(model, v, f"eval-{k}")
-                            for k, v in eval_dataset.items()}
-        if data_collator is None:
-            if self.collator.pad_token_id is None and processing_class is not None:
-                self.collator.bind(processing_class, self.chat_template)
-            data_collator = (PackedCollator(self.collator.pad_token_id) if packing
-                             else self.collator)
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
-                         data_collator=data_collator, **kwargs)
+                         data_collator=self._choose_data_collator(
+                             data_collator, processing_class, packing=packing),
+                         **kwargs)
         # Prepared batches hold only model inputs, labels and loss weights; the Trainer would
         # otherwise drop `loss_weights`, which no model's forward names.
         self.args.remove_unused_columns = False
+        self._prepare_datasets(train_dataset, eval_dataset, packing=packing,
+                               packing_max_length=packing_max_length)
         self._warn_if_fsdp_fell_back()
         self._perturber_callback: PerturberCallback | None = None
         if self.perturber is not None:
@@ -224,6 +214,36 @@ class SFTPluginTrainer(Trainer):
 
     # ---- plugin resolution ------------------------------------------------------------------
 
+    def _resolve_plugins(self, model: Any, processing_class: Any, *,
+                         template: str | ChatTemplate | None,
+                         template_options: Mapping[str, Any] | None,
+                         collator: str | MaskingCollator,
+                         collator_options: Mapping[str, Any] | None,
+                         perturber: str | Perturber | None,
+                         perturber_options: Mapping[str, Any] | None) -> None:
+        """Set :attr:`chat_template` (configuring the tokenizer and the model's generation
+        config with it), :attr:`collator` and :attr:`perturber`."""
+        self.chat_template = self._resolve_template(template, template_options,
+                                                    processing_class)
+        if self.chat_template is not None and processing_class is not None:
+            self.chat_template.configure_tokenizer(processing_class)
+            if model is not None:
+                self._configure_generation(_core_model(model), processing_class)
+        self.collator = self._resolve(collator, collator_options, self.plugin_manager.collators)
+        self.perturber = (None if perturber is None else
+                          self._resolve(perturber, perturber_options,
+                                        self.plugin_manager.perturbers))
+
+    def _choose_data_collator(self, data_collator: Any, processing_class: Any, *,
+                              packing: bool) -> Any:
+        """The Trainer's ``data_collator``: the one given, else the masking collator (bound to
+        the tokenizer for its pad token), or for packed rows a ``PackedCollator``."""
+        if data_collator is not None:
+            return data_collator
+        if self.collator.pad_token_id is None and processing_class is not None:
+            self.collator.bind(processing_class, self.chat_template)
+        return PackedCollator(self.collator.pad_token_id) if packing else self.collator
+
     def _resolve(self, item: Any, options: Mapping[str, Any] | None, registry: Any) -> Any:
         if isinstance(item, str):
             return registry.create(item, **dict(options or {}))
@@ -244,9 +264,23 @@ class SFTPluginTrainer(Trainer):
     def prepare_dataset(self, dataset: Dataset, split: str) -> Dataset:
         """Tokenize and mask ``dataset`` once, before step 1; report what was kept and skipped.
 
-        Rows that already carry ``input_ids`` and ``labels`` are taken as prepared; rows with
-        ``input_ids`` and a 0/1 ``assistant_masks`` or ``completion_mask`` (TRL's pre-tokenized
-        columns) get ``labels`` from it; ``input_ids`` alone is refused.
+        The extension point for custom preparation: override it (calling
+        ``super().prepare_dataset`` or not) to filter, augment or tokenize rows your own way.
+        ``split`` is ``"train"``, ``"eval"`` or ``"eval-<name>"`` for the sets given at
+        construction (``"eval"``/``"test"`` and ``"<split>-<name>"`` for those given to
+        :meth:`evaluate`/:meth:`predict`). It runs after ``Trainer.__init__``, on the main
+        process first (``args.main_process_first``; the other ranks then load the ``datasets``
+        cache it wrote), so ``self.args``, ``self.accelerator``, ``self.processing_class``,
+        ``self.collator`` and ``self.chat_template`` are all set. Return rows with
+        ``input_ids`` and ``labels`` (-100 where nothing is learned) and optionally float
+        ``loss_weights``; the trainer then checks their token ids against the model's input
+        embedding and, with ``packing=True``, packs the training rows.
+
+        By default, rows that already carry ``input_ids`` and ``labels`` are taken as prepared;
+        rows with ``input_ids`` and a 0/1 ``assistant_masks`` or ``completion_mask`` (TRL's
+        pre-tokenized columns) get ``labels`` from it; ``input_ids`` alone is refused. Other
+        rows go through the collator's ``prepare``, whose report is kept in
+        :attr:`preparation` and written to ``preparation.json`` by :meth:`train`.
         """
         if "input_ids" in dataset.column_names:
             return labels_from_token_masks(dataset, split)
@@ -265,6 +299,22 @@ class SFTPluginTrainer(Trainer):
         logger.warning("%s: %s; %s", split, report.summary(),
                        trained_token_summary(prepared.dataset))
         return prepared.dataset
+
+    def _prepare_datasets(self, train_dataset: Any, eval_dataset: Any, *, packing: bool,
+                          packing_max_length: int | None) -> None:
+        """Prepare the data sets given at construction on the main process first (it writes
+        the ``datasets`` cache, the other ranks load it) and make them the Trainer's."""
+        with self.args.main_process_first(desc="sft-plugins: preparing the data sets"):
+            if train_dataset is not None:
+                train_dataset = self._prepare_for(self.model, train_dataset, "train")
+                if packing:  # best-fit rows, see sft_plugins.packing
+                    train_dataset = pack_prepared(train_dataset,
+                                                  packing_max_length or self.collator.max_length)
+            eval_dataset = self._prepare_later(eval_dataset, "eval")
+        if packing and train_dataset is not None:
+            attend_packed_rows_by_example(_core_model(self.model))
+        self.train_dataset = train_dataset
+        self.eval_dataset = eval_dataset
 
     def _prepare_for(self, model: Any, dataset: Dataset, split: str) -> Dataset:
         """``prepare_dataset``, then stop before training on a token id the model cannot embed

@@ -1,0 +1,142 @@
+"""``SFTPluginTrainer`` runs ``Trainer.__init__`` first, then prepares every split through
+``prepare_dataset`` (the documented extension point) on the main process first."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+import sft_plugins.trainer as trainer_module
+from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+from sft_plugins.trainer import SFTPluginTrainer
+
+PROMPT_COMPLETION = [
+    {"prompt": [{"role": "user", "content": "Sort the letters: c a b"}],
+     "completion": [{"role": "assistant", "content": "a b c"}]},
+    {"prompt": [{"role": "user", "content": "Sort the letters: q p r z"}],
+     "completion": [{"role": "assistant", "content": "p q r z"}]},
+]
+
+
+def tiny_model_and_tokenizer() -> tuple[Any, LlamaForCausalLM]:
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
+    return tokenizer, model
+
+
+def arguments(tmp_path: Any, **overrides: Any) -> TrainingArguments:
+    options: dict[str, Any] = {
+        "output_dir": str(tmp_path), "max_steps": 1, "report_to": [], "use_cpu": True,
+        "save_strategy": "no", "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 2, "disable_tqdm": True}
+    return TrainingArguments(**{**options, **overrides})
+
+
+class FirstRowOnly(SFTPluginTrainer):
+    """Keeps the first prepared row of every split; records what the trainer offered while
+    preparing, and the input ids of every batch it trains on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.batches: list[list[list[int]]] = []
+        super().__init__(*args, **kwargs)
+
+    def prepare_dataset(self, dataset: Dataset, split: str) -> Dataset:
+        self.calls.append({"split": split, "output_dir": self.args.output_dir,
+                           "process_index": self.accelerator.process_index,
+                           "tokenizer": self.processing_class, "collator": self.collator.name,
+                           "template": self.chat_template.name})
+        return super().prepare_dataset(dataset, split).select([0])
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any,
+                     **kwargs: Any) -> Any:
+        if model.training:
+            self.batches.append(inputs["input_ids"].tolist())
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def test_an_override_of_prepare_dataset_uses_the_trainer_and_its_rows_are_trained(tmp_path):
+    tokenizer, model = tiny_model_and_tokenizer()
+    trainer = FirstRowOnly(
+        model=model, args=arguments(tmp_path), processing_class=tokenizer,
+        template="llama-3.1", collator="completion-only",
+        train_dataset=Dataset.from_list(PROMPT_COMPLETION),
+        eval_dataset={"a": Dataset.from_list(PROMPT_COMPLETION),
+                      "b": Dataset.from_list(PROMPT_COMPLETION[::-1])})
+
+    assert [call["split"] for call in trainer.calls] == ["train", "eval-a", "eval-b"]
+    for call in trainer.calls:
+        assert call["output_dir"] == str(tmp_path) and call["process_index"] == 0
+        assert call["tokenizer"] is tokenizer
+        assert (call["collator"], call["template"]) == ("completion-only", "llama-3.1")
+    assert trainer.preparation["train"].kept == 2  # the default preparation ran underneath
+    assert len(trainer.train_dataset) == 1
+    assert {name: len(rows) for name, rows in trainer.eval_dataset.items()} == {"a": 1, "b": 1}
+    kept = trainer.train_dataset[0]["input_ids"]
+    assert trainer.eval_dataset["b"][0]["input_ids"] != kept
+
+    result = trainer.train()
+    assert result.global_step == 1
+    assert trainer.batches == [[kept]]
+
+
+def test_a_single_eval_set_is_the_eval_split(tmp_path):
+    tokenizer, model = tiny_model_and_tokenizer()
+    trainer = FirstRowOnly(model=model, args=arguments(tmp_path), processing_class=tokenizer,
+                           template="llama-3.1", collator="completion-only",
+                           eval_dataset=Dataset.from_list(PROMPT_COMPLETION))
+    assert [call["split"] for call in trainer.calls] == ["eval"]
+    assert trainer.train_dataset is None and len(trainer.eval_dataset) == 1
+
+
+def test_data_sets_are_prepared_and_packed_inside_main_process_first(tmp_path, monkeypatch):
+    """Rank 0 prepares (and writes the datasets cache) while the other ranks wait at
+    ``main_process_first``'s barrier; here it is recorded on one process."""
+    original = TrainingArguments.main_process_first
+    entered: list[str] = []
+    seen: list[tuple[str, list[str]]] = []
+
+    @contextlib.contextmanager
+    def recording(self: TrainingArguments, *args: Any, **kwargs: Any) -> Iterator[None]:
+        with original(self, *args, **kwargs):
+            entered.append(kwargs.get("desc", "work"))
+            try:
+                yield
+            finally:
+                entered.pop()
+
+    prepare = SFTPluginTrainer.prepare_dataset
+    pack = trainer_module.pack_prepared
+
+    def recorded_prepare(self: SFTPluginTrainer, dataset: Dataset, split: str) -> Dataset:
+        seen.append((split, list(entered)))
+        return prepare(self, dataset, split)
+
+    def recorded_pack(dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
+        seen.append(("pack", list(entered)))
+        return pack(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingArguments, "main_process_first", recording)
+    monkeypatch.setattr(SFTPluginTrainer, "prepare_dataset", recorded_prepare)
+    monkeypatch.setattr(trainer_module, "pack_prepared", recorded_pack)
+    tokenizer, model = tiny_model_and_tokenizer()
+    trainer = SFTPluginTrainer(
+        model=model, args=arguments(tmp_path), processing_class=tokenizer,
+        template="llama-3.1", collator="completion-only", packing=True,
+        packing_max_length=128, train_dataset=Dataset.from_list(PROMPT_COMPLETION),
+        eval_dataset=Dataset.from_list(PROMPT_COMPLETION))
+
+    assert [split for split, _ in seen] == ["train", "pack", "eval"]
+    for split, inside in seen:
+        assert len(inside) == 1, f"{split} was prepared outside main_process_first"
+    assert not entered
+    assert "position_ids" in trainer.train_dataset.column_names
+    assert trainer.train().global_step == 1
