@@ -3,7 +3,8 @@
 It takes a chat template, a masking collator and an embedding perturber, by registered name (with
 options) or as objects, and injects them: the template configures the tokenizer, the collator
 tokenizes and masks every example before step 1 and pads the batches, the perturber is hooked
-onto the input embeddings for the duration of ``train()`` only.
+onto the input embeddings for the duration of ``train()`` only. Without ``collator=``, the
+training data picks it (:func:`default_collator_name`, as ``sft-plugins train`` does).
 
 Plugins never subclass the Trainer. Downstream code may, and is meant to override only these:
 
@@ -113,6 +114,10 @@ class SFTPluginTrainer(Trainer):
     on ``sdpa`` is switched to ``sdpa_packed``, which attends one example at a time
     (:mod:`sft_plugins.attention`).
 
+    ``collator=None`` (the default) uses the collator :func:`default_collator_name` picks for
+    ``train_dataset``: ``completion-only`` for prompt/completion data, ``all-tokens`` for plain
+    text, ``assistant-only`` otherwise.
+
     ``Trainer.__init__`` runs first, with the data sets as given; then every split goes through
     :meth:`prepare_dataset` under ``args.main_process_first`` and the prepared sets become
     ``train_dataset``/``eval_dataset``.
@@ -131,7 +136,7 @@ class SFTPluginTrainer(Trainer):
         data_collator: Any = None,
         template: str | ChatTemplate | None = None,
         template_options: Mapping[str, Any] | None = None,
-        collator: str | MaskingCollator = "assistant-only",
+        collator: str | MaskingCollator | None = None,
         collator_options: Mapping[str, Any] | None = None,
         perturber: str | Perturber | None = None,
         perturber_options: Mapping[str, Any] | None = None,
@@ -155,7 +160,7 @@ class SFTPluginTrainer(Trainer):
         self.full_logits = full_logits
         """Always use the model's full logits (to compare against, or to debug)."""
         self.dataset_num_proc = dataset_num_proc
-        self._resolve_plugins(model, processing_class, template=template,
+        self._resolve_plugins(model, processing_class, train_dataset, template=template,
                               template_options=template_options, collator=collator,
                               collator_options=collator_options, perturber=perturber,
                               perturber_options=perturber_options)
@@ -214,22 +219,25 @@ class SFTPluginTrainer(Trainer):
 
     # ---- plugin resolution ------------------------------------------------------------------
 
-    def _resolve_plugins(self, model: Any, processing_class: Any, *,
+    def _resolve_plugins(self, model: Any, processing_class: Any, train_dataset: Any, *,
                          template: str | ChatTemplate | None,
                          template_options: Mapping[str, Any] | None,
-                         collator: str | MaskingCollator,
+                         collator: str | MaskingCollator | None,
                          collator_options: Mapping[str, Any] | None,
                          perturber: str | Perturber | None,
                          perturber_options: Mapping[str, Any] | None) -> None:
         """Set :attr:`chat_template` (configuring the tokenizer and the model's generation
-        config with it), :attr:`collator` and :attr:`perturber`."""
+        config with it), :attr:`collator` (by default :func:`default_collator_name` of the
+        training set) and :attr:`perturber`."""
         self.chat_template = self._resolve_template(template, template_options,
                                                     processing_class)
         if self.chat_template is not None and processing_class is not None:
             self.chat_template.configure_tokenizer(processing_class)
             if model is not None:
                 self._configure_generation(_core_model(model), processing_class)
-        self.collator = self._resolve(collator, collator_options, self.plugin_manager.collators)
+        self.collator = self._resolve(
+            default_collator_name(train_dataset) if collator is None else collator,
+            collator_options, self.plugin_manager.collators)
         self.perturber = (None if perturber is None else
                           self._resolve(perturber, perturber_options,
                                         self.plugin_manager.perturbers))
@@ -542,6 +550,41 @@ class SFTPluginTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
+DEFAULT_COLLATOR_SAMPLE = 100
+"""How many leading rows :func:`default_collator_name` reads for a completion index or offset."""
+
+
+def default_collator_name(dataset: Any) -> str:
+    """The collator a training set gets when none is named, by the library and the CLI alike.
+
+    ``completion-only`` for prompt/completion data: TRL's ``prompt`` and ``completion``
+    columns (message lists or strings), or rows of :mod:`sft_plugins.data` whose
+    ``completion_index`` (conversations from prompt/completion or Alpaca data) or
+    ``completion_offset`` (string prompt/completion) is set in one of the first
+    :data:`DEFAULT_COLLATOR_SAMPLE` rows. ``all-tokens`` for other plain ``text``.
+    ``assistant-only`` for other conversations (``messages``), for pre-tokenized rows, and
+    without a ``datasets.Dataset`` (``None``). Columns are looked at in the order the
+    collators read a row: ``messages``, then ``prompt``/``completion``, then ``text``.
+    """
+    columns = set(dataset.column_names) if isinstance(dataset, Dataset) else set()
+    if "messages" in columns:
+        return ("completion-only" if _any_set(dataset, "completion_index")
+                else "assistant-only")
+    if {"prompt", "completion"} <= columns:
+        return "completion-only"
+    if "text" in columns:
+        return "completion-only" if _any_set(dataset, "completion_offset") else "all-tokens"
+    return "assistant-only"
+
+
+def _any_set(dataset: Dataset, column: str) -> bool:
+    """Whether ``column`` is non-null in one of the first rows of ``dataset``."""
+    if column not in dataset.column_names:
+        return False
+    head = dataset.select(range(min(len(dataset), DEFAULT_COLLATOR_SAMPLE)))
+    return any(value is not None for value in head[column])
+
+
 TOKEN_MASK_COLUMNS = ("assistant_masks", "completion_mask")
 """Pre-tokenized columns (TRL's names) whose 1s mark the tokens to learn."""
 
@@ -585,5 +628,6 @@ def trained_token_summary(dataset: Dataset) -> str:
     return f"{total} tokens, {trained} trained ({fraction:.1%})"
 
 
-__all__ = ["PREPARATION_FILE", "SFTPluginTrainer", "labels_from_token_masks",
-           "trained_token_summary", "with_variables"]
+__all__ = ["DEFAULT_COLLATOR_SAMPLE", "PREPARATION_FILE", "SFTPluginTrainer",
+           "default_collator_name", "labels_from_token_masks", "trained_token_summary",
+           "with_variables"]

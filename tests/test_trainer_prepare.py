@@ -1,5 +1,6 @@
 """``SFTPluginTrainer`` runs ``Trainer.__init__`` first, then prepares every split through
-``prepare_dataset`` (the documented extension point) on the main process first."""
+``prepare_dataset`` (the documented extension point) on the main process first; without
+``collator=`` the training data picks the collator, by the same rule as the CLI."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
@@ -21,6 +23,10 @@ PROMPT_COMPLETION = [
     {"prompt": [{"role": "user", "content": "Sort the letters: q p r z"}],
      "completion": [{"role": "assistant", "content": "p q r z"}]},
 ]
+STRING_PROMPT_COMPLETION = [{"prompt": "Sort the letters: c a b\n", "completion": "a b c"},
+                            {"prompt": "Sort the letters: q p r\n", "completion": "p q r"}]
+MESSAGES = [{"messages": [*row["prompt"], *row["completion"]]} for row in PROMPT_COMPLETION]
+TEXT = [{"text": "The sorted letters are a b c."}, {"text": "The sorted letters are p q r."}]
 
 
 def tiny_model_and_tokenizer() -> tuple[Any, LlamaForCausalLM]:
@@ -140,3 +146,67 @@ def test_data_sets_are_prepared_and_packed_inside_main_process_first(tmp_path, m
     assert not entered
     assert "position_ids" in trainer.train_dataset.column_names
     assert trainer.train().global_step == 1
+
+
+@pytest.mark.parametrize(("rows", "name"), [
+    (PROMPT_COMPLETION, "completion-only"),
+    (STRING_PROMPT_COMPLETION, "completion-only"),
+    (TEXT, "all-tokens"),
+    (MESSAGES, "assistant-only"),
+])
+def test_without_collator_the_training_data_picks_it(tmp_path, rows, name):
+    tokenizer, model = tiny_model_and_tokenizer()
+    trainer = SFTPluginTrainer(model=model, args=arguments(tmp_path),
+                               processing_class=tokenizer, template="llama-3.1",
+                               train_dataset=Dataset.from_list(rows),
+                               collator_options={"max_length": 128})
+    assert trainer.collator.name == name
+    assert trainer.collator.max_length == 128  # the options go to the default collator
+    assert trainer.preparation["train"].kept == len(rows)
+    assert trainer.train().global_step == 1
+
+
+def test_without_training_data_the_default_collator_is_assistant_only(tmp_path):
+    tokenizer, model = tiny_model_and_tokenizer()
+    trainer = SFTPluginTrainer(model=model, args=arguments(tmp_path),
+                               processing_class=tokenizer, template="llama-3.1",
+                               eval_dataset=Dataset.from_list(PROMPT_COMPLETION))
+    assert trainer.collator.name == "assistant-only"
+
+
+@pytest.mark.parametrize(("rows", "name"), [
+    (PROMPT_COMPLETION, "completion-only"),
+    (STRING_PROMPT_COMPLETION, "completion-only"),
+    (TEXT, "all-tokens"),
+    (MESSAGES, "assistant-only"),
+])
+def test_raw_rows_and_the_clis_canonical_rows_get_the_same_default(rows, name):
+    """The library sees TRL's rows; ``sft-plugins train`` sees them canonicalised by
+    ``load_sft_dataset`` (``completion_index``/``completion_offset``)."""
+    from sft_plugins.data import load_sft_dataset
+    from sft_plugins.trainer import default_collator_name
+
+    raw = Dataset.from_list(rows)
+    assert default_collator_name(raw) == name
+    assert default_collator_name(load_sft_dataset(raw).train) == name
+
+
+def test_default_collator_name_reads_set_indices_and_offsets():
+    from sft_plugins.trainer import DEFAULT_COLLATOR_SAMPLE, default_collator_name
+
+    conversation = MESSAGES[0]["messages"]
+    assert default_collator_name(None) == "assistant-only"
+    assert default_collator_name(Dataset.from_dict({"input_ids": [[1, 2]],
+                                                    "labels": [[-100, 2]]})) == "assistant-only"
+    indexed = Dataset.from_list([{"messages": conversation, "completion_index": None},
+                                 {"messages": conversation, "completion_index": 1}])
+    assert default_collator_name(indexed) == "completion-only"
+    assert default_collator_name(indexed.select([0])) == "assistant-only"
+    late = Dataset.from_list([{"messages": conversation, "completion_index": None}]
+                             * DEFAULT_COLLATOR_SAMPLE
+                             + [{"messages": conversation, "completion_index": 1}])
+    assert default_collator_name(late) == "assistant-only"  # as the CLI: the first rows decide
+    offsets = Dataset.from_list([{"text": "Q: 2+2= 4", "completion_offset": None},
+                                 {"text": "Q: 2+2= 4", "completion_offset": 7}])
+    assert default_collator_name(offsets) == "completion-only"
+    assert default_collator_name(offsets.select([0])) == "all-tokens"
