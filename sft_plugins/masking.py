@@ -17,7 +17,7 @@ tokenizes differently in context cannot be missed.
 The work is split the way it is cheap. :meth:`MaskingCollator.prepare` tokenizes and masks every
 example once, batched, inside ``datasets.map`` (``num_proc`` and the ``datasets`` cache work); it
 reports every example it skipped, and why, before training starts. Calling the collator on a
-list of prepared rows only pads them. Labels are ``-100`` where the weight is 0; a float
+list of prepared rows only pads them. Labels are ``IGNORE_INDEX`` where the weight is 0; a float
 ``loss_weights`` column exists only when some weight is strictly between 0 and 1, so the plain
 path stays plain.
 """
@@ -28,7 +28,6 @@ import copy
 import inspect
 import json
 import math
-import os
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,11 +35,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from tokenizers.pre_tokenizers import ByteLevel
 
-from sft_plugins.errors import DataError, MaskingError, PluginOptionError, SFTPluginsError
+from sft_plugins.bad_examples import POLICIES, OnBadExample, count_skips, location_of
+from sft_plugins.errors import (
+    DataError,
+    MaskingError,
+    PluginOptionError,
+    SFTPluginsError,
+    SkipExample,
+)
 from sft_plugins.literal_text import (
     SpecialText,
     plain_encoder,
@@ -50,27 +55,25 @@ from sft_plugins.literal_text import (
     splice,
     token_ranges_from_offsets,
 )
+from sft_plugins.loss import IGNORE_INDEX, WEIGHTS_KEY
+from sft_plugins.processes import tokenizers_parallelism_kept
 
 if TYPE_CHECKING:
     import datasets
 
     from sft_plugins.templates import ChatTemplate
 
-IGNORE_INDEX = -100
-"""The label of a token that carries no loss (what ``torch.nn.CrossEntropyLoss`` ignores)."""
-
 Truncation = Literal["keep_start", "keep_end", "drop"]
 TRUNCATIONS: tuple[str, ...] = ("keep_start", "keep_end", "drop")
-OnInvalid = Literal["raise", "skip"]
 
 SKIP_COLUMN = "skip_reason"
-"""Column of the mapped (not yet filtered) data set: why a row is skipped, ``""`` if kept."""
+"""Column of the mapped (not yet filtered) data set: why a row is skipped, null if kept."""
 DETAIL_COLUMN = "skip_detail"
 
 COLUMN_TYPES = {
     "input_ids": pa.list_(pa.int32()),
     "labels": pa.list_(pa.int32()),
-    "loss_weights": pa.list_(pa.float32()),
+    WEIGHTS_KEY: pa.list_(pa.float32()),
     SKIP_COLUMN: pa.string(),
     DETAIL_COLUMN: pa.string(),
 }
@@ -129,18 +132,6 @@ class Weighting:
 
     spans: tuple[WeightedSpan, ...]
     background: float = 0.0
-
-
-class SkipExample(SFTPluginsError):
-    """Raised inside preparation for an example that is skipped or rejected, with its reason.
-
-    ``reason`` is a short key counted in the :class:`PreparationReport` (``invalid``,
-    ``no_trained_token``, ``too_long``, ``truncated_away``, ``marker_not_found``...).
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def _decoded(value: Any) -> Any:
@@ -462,8 +453,9 @@ class MaskingCollator:
     ``padding_side``: ``right`` (default) or ``left``.
     ``pad_token``: the padding token; default the template's, else the tokenizer's. Never the
     end-of-sequence token, which a model must learn to produce.
-    ``on_invalid``: ``raise`` (default) or ``skip`` (counted and reported) for an example that
-    cannot be masked: no assistant turn, empty completion, a span outside the text...
+    ``on_bad_example``: ``error`` (default) or ``skip`` (counted and reported) for an example
+    that cannot be masked: no assistant turn, empty completion, a span outside the text... (the
+    policy and words of :mod:`sft_plugins.bad_examples`).
     ``literal_special_tokens``: special-token strings inside the data (``<|eot_id|>`` quoted
     in an answer) are tokenized as the text they are (default, with a fast tokenizer), not as
     the special tokens; ``False`` gives ``apply_chat_template``'s behaviour
@@ -492,7 +484,8 @@ class MaskingCollator:
     def __init__(self, *, max_length: int | None = None, truncation: Truncation = "keep_start",
                  strict: bool = False, pad_to_multiple_of: int | None = None,
                  padding_side: Literal["right", "left"] = "right", pad_token: str | None = None,
-                 on_invalid: OnInvalid = "raise", literal_special_tokens: bool = True) -> None:
+                 on_bad_example: OnBadExample = "error",
+                 literal_special_tokens: bool = True) -> None:
         if max_length is not None and max_length < 1:
             raise self._option_error("max_length", max_length, "a positive number of tokens")
         if truncation not in TRUNCATIONS:
@@ -501,15 +494,15 @@ class MaskingCollator:
             raise self._option_error("pad_to_multiple_of", pad_to_multiple_of, "a positive int")
         if padding_side not in ("right", "left"):
             raise self._option_error("padding_side", padding_side, "right or left")
-        if on_invalid not in ("raise", "skip"):
-            raise self._option_error("on_invalid", on_invalid, "raise or skip")
+        if on_bad_example not in POLICIES:
+            raise self._option_error("on_bad_example", on_bad_example, " or ".join(POLICIES))
         self.max_length = max_length
         self.truncation = truncation
         self.strict = strict
         self.pad_to_multiple_of = pad_to_multiple_of
         self.padding_side = padding_side
         self.pad_token = pad_token
-        self.on_invalid = on_invalid
+        self.on_bad_example = on_bad_example
         self.literal_special_tokens = literal_special_tokens
         self.pad_token_id: int | None = None
         """Set by :meth:`prepare` (or by hand when only padding is needed)."""
@@ -523,8 +516,9 @@ class MaskingCollator:
     def weigh(self, example: RenderedExample) -> Weighting:
         """The weighted character spans of one rendered example (and the weight of the rest).
 
-        Raise :class:`SkipExample` (or a :class:`DataError`) for an example this collator
-        cannot train on; preparation counts it or raises it, as ``on_invalid`` says.
+        Raise :class:`~sft_plugins.errors.SkipExample` (or a :class:`DataError`) for an example
+        this collator cannot train on; preparation counts it or raises it, as
+        ``on_bad_example`` says.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement weigh()")
 
@@ -578,15 +572,21 @@ class MaskingCollator:
 
         Returns a data set with ``input_ids``, ``labels`` (and ``loss_weights`` when
         :attr:`weighted`) and a report of every skipped example. Errors name the example's
-        index, and its file and line when the rows carry ``source_file``/``source_line`` (as
-        :mod:`sft_plugins.data` writes them). An invalid example raises
+        file and line when the rows carry ``source_file``/``source_line`` (as
+        :mod:`sft_plugins.data` writes them), else its index. An invalid example raises
         (:class:`MaskingError`, :class:`DataError`, :class:`TemplateError`) unless
-        ``on_invalid="skip"``.
+        ``on_bad_example="skip"``.
         """
         self.bind(tokenizer, template)
-        if not num_proc or num_proc == 1:
-            restore_tokenizers_parallelism()
         eos_text = template.eos_token if template is not None else tokenizer.eos_token
+        with tokenizers_parallelism_kept():
+            return self._prepare(dataset, tokenizer, template, eos_text, num_proc=num_proc,
+                                 batch_size=batch_size,
+                                 load_from_cache_file=load_from_cache_file, desc=desc)
+
+    def _prepare(self, dataset: datasets.Dataset, tokenizer: Any, template: ChatTemplate | None,
+                 eos_text: str | None, *, num_proc: int | None, batch_size: int,
+                 load_from_cache_file: bool | None, desc: str | None) -> PreparedDataset:
         mapped = dataset.map(
             _prepare_batch, batched=True, batch_size=batch_size, with_indices=True,
             num_proc=num_proc, remove_columns=dataset.column_names,
@@ -598,18 +598,15 @@ class MaskingCollator:
                        else None})
         total = len(mapped)
         # Count in Arrow: a million kept rows never become a million Python strings.
-        reasons = mapped.data.column(SKIP_COLUMN)
-        counts = pc.value_counts(reasons).to_pylist()
-        skipped = {c["values"]: c["counts"] for c in counts if c["values"]}
+        bad = count_skips(mapped.data.column(SKIP_COLUMN))
         first_skips: list[str] = []
-        if skipped:
-            where = pc.indices_nonzero(pc.not_equal(reasons, "")).to_pylist()
-            first_skips = mapped.select(where[:5])[DETAIL_COLUMN]
-            mapped = mapped.filter(lambda rs: [not r for r in rs], input_columns=SKIP_COLUMN,
+        if bad.total:
+            first_skips = mapped.data.column(DETAIL_COLUMN).take(bad.positions[:5]).to_pylist()
+            mapped = mapped.filter(lambda rs: [r is None for r in rs], input_columns=SKIP_COLUMN,
                                    batched=True, num_proc=num_proc)
         mapped = mapped.remove_columns([SKIP_COLUMN, DETAIL_COLUMN])
-        report = PreparationReport(total=total, kept=len(mapped), skipped=skipped,
-                                   first_skips=list(first_skips))
+        report = PreparationReport(total=total, kept=len(mapped), skipped=bad.counts,
+                                   first_skips=first_skips)
         return PreparedDataset(mapped, report)
 
     def encode_batch(self, rendered: Sequence[RenderedExample], tokenizer: Any, *,
@@ -664,14 +661,12 @@ class MaskingCollator:
         if not any(a < hi and b > lo for a, b in trained):
             if (lo, hi) == (0, n_tokens):
                 raise SkipExample("no_trained_token", "has no token to train on")
-            message = (f"has no trained token left after truncation to max_length="
-                       f"{self.max_length} ({self.truncation})")
-            if self.strict:
-                raise MaskingError(f"example {index} {message} (strict mode)")
-            raise SkipExample("truncated_away", message)
+            raise SkipExample("truncated_away", f"has no trained token left after truncation "
+                                                f"to max_length={self.max_length} "
+                                                f"({self.truncation})")
         row: dict[str, Any] = {"input_ids": ids, "labels": labels}
         if self.weighted:
-            row["loss_weights"] = weights
+            row[WEIGHTS_KEY] = weights
         return row
 
     # -- padding ------------------------------------------------------------------------
@@ -679,7 +674,7 @@ class MaskingCollator:
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad prepared rows into a batch: ``input_ids``, ``attention_mask``, ``labels`` and,
         when any row has them, ``loss_weights`` (rows without get 1 where labelled). Pads are
-        the pad token, label ``-100``, weight 0."""
+        the pad token, label ``IGNORE_INDEX``, weight 0."""
         if self.pad_token_id is None:
             raise MaskingError(f"collator {self.name!r} has no pad token id: prepare the data "
                                "with collator.prepare(...) first, or set collator.pad_token_id")
@@ -697,9 +692,9 @@ def pad_batch(features: Sequence[Mapping[str, Any]], pad_token_id: int, *,
               pad_to_multiple_of: int | None = None,
               padding_side: Literal["right", "left"] = "right"
               ) -> tuple[dict[str, torch.Tensor], list[slice]]:
-    """``input_ids`` (pads: the pad token), ``labels`` (pads: -100) and, when any row has them,
-    ``loss_weights`` (pads: 0; rows without: 1 where labelled) as tensors, and the columns
-    each row's real tokens occupy. Shared by the padding and the packing collators."""
+    """``input_ids`` (pads: the pad token), ``labels`` (pads: ``IGNORE_INDEX``) and, when any
+    row has them, ``loss_weights`` (pads: 0; rows without: 1 where labelled) as tensors, and the
+    columns each row's real tokens occupy. Shared by the padding and the packing collators."""
     lengths = [len(f["input_ids"]) for f in features]
     width = max(lengths)
     if pad_to_multiple_of:
@@ -707,7 +702,7 @@ def pad_batch(features: Sequence[Mapping[str, Any]], pad_token_id: int, *,
     shape = (len(features), width)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    weighted = any("loss_weights" in f for f in features)
+    weighted = any(WEIGHTS_KEY in f for f in features)
     weights = torch.zeros(shape, dtype=torch.float32) if weighted else None
     rows = [slice(0, n) if padding_side == "right" else slice(width - n, width)
             for n in lengths]
@@ -715,32 +710,13 @@ def pad_batch(features: Sequence[Mapping[str, Any]], pad_token_id: int, *,
         input_ids[row, cols] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
         labels[row, cols] = torch.as_tensor(feature["labels"], dtype=torch.long)
         if weights is not None:
-            weights[row, cols] = (torch.as_tensor(feature["loss_weights"])
-                                  if "loss_weights" in feature
+            weights[row, cols] = (torch.as_tensor(feature[WEIGHTS_KEY])
+                                  if WEIGHTS_KEY in feature
                                   else labels[row, cols].ne(IGNORE_INDEX).float())
     batch = {"input_ids": input_ids, "labels": labels}
     if weights is not None:
-        batch["loss_weights"] = weights
+        batch[WEIGHTS_KEY] = weights
     return batch, rows
-
-
-PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"
-
-
-def restore_tokenizers_parallelism() -> None:
-    """Give the Rust tokenizer back the thread-pool setting Python's environment shows.
-
-    ``datasets.map(num_proc>1)`` sets ``TOKENIZERS_PARALLELISM=false`` before it forks and then
-    restores ``os.environ`` by reassigning the mapping, which leaves the C environment (the one
-    the Rust library reads) at ``false``: every later batched call in the main process runs on
-    one thread. Preparing in one process, re-export what Python's environment says (or unset
-    it, the library default) so the batched call uses every core.
-    """
-    value = os.environ.get(PARALLELISM_ENV)
-    if value is None:
-        os.unsetenv(PARALLELISM_ENV)
-    else:
-        os.putenv(PARALLELISM_ENV, value)
 
 
 _BYTE_LEVEL: weakref.WeakKeyDictionary[Any, tuple[int, ByteLevelSpans | None]] = \
@@ -757,16 +733,6 @@ def _byte_level(tokenizer: Any) -> ByteLevelSpans | None:
     return cached[1]
 
 
-def _where(index: int, row: Mapping[str, Any]) -> str:
-    """``example N`` plus the row's provenance (``file:line``) when the data set has it."""
-    source = row.get("source_file")
-    if source is None:
-        return f"example {index}"
-    if row.get("source_line") is not None:
-        return f"example {index} ({source}:{row['source_line']})"
-    return f"example {index} ({source}, row {row.get('source_row', index)})"
-
-
 def _prepare_batch(batch: dict[str, list[Any]], indices: list[int], *,
                    collator: MaskingCollator, tokenizer: Any,
                    template: ChatTemplate | None, eos_text: str | None,
@@ -779,19 +745,21 @@ def _prepare_batch(batch: dict[str, list[Any]], indices: list[int], *,
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], SKIP_COLUMN: [],
                                  DETAIL_COLUMN: []}
     if collator.weighted:
-        out["loss_weights"] = []
+        out[WEIGHTS_KEY] = []
 
     def skip(index: int, row: Mapping[str, Any], error: SFTPluginsError, reason: str,
              always_count: bool) -> None:
-        where = _where(index, row)
-        if not always_count and collator.on_invalid == "raise":
+        where = location_of(row, index)
+        if reason == "truncated_away" and collator.strict:
+            raise MaskingError(f"{where}: {error} (strict mode)") from error
+        if not always_count and collator.on_bad_example == "error":
             kind = MaskingError if isinstance(error, SkipExample) else type(error)
             raise kind(f"{where}: {error}. Fix the example, or skip such examples "
-                       f"with on_invalid='skip'") from error
+                       f"with on_bad_example='skip'") from error
         out["input_ids"].append([])
         out["labels"].append([])
-        if "loss_weights" in out:
-            out["loss_weights"].append([])
+        if WEIGHTS_KEY in out:
+            out[WEIGHTS_KEY].append([])
         out[SKIP_COLUMN].append(reason)
         out[DETAIL_COLUMN].append(f"{where}: {reason}: {error}")
 
@@ -857,11 +825,11 @@ def _prepare_batch(batch: dict[str, list[Any]], indices: list[int], *,
             counted_only = reason in ("too_long", "truncated_away")
             skip(index, row, error, reason, counted_only)
             continue
-        for key in ("input_ids", "labels", "loss_weights"):
+        for key in ("input_ids", "labels", WEIGHTS_KEY):
             if key in out:
                 out[key].append(result[key])
-        out[SKIP_COLUMN].append("")
-        out[DETAIL_COLUMN].append("")
+        out[SKIP_COLUMN].append(None)
+        out[DETAIL_COLUMN].append(None)
     return pa.table({key: pa.array(values, type=COLUMN_TYPES[key]) for key, values in out.items()})
 
 

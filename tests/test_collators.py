@@ -90,7 +90,7 @@ def test_response_template_never_fails_silently(tokenizer: Any) -> None:
         prepare(collators.create("response-template", response_template="### Response:\n"),
                 rows, tokenizer)
     prepared = prepare(collators.create("response-template", response_template="### Response:\n",
-                                        on_invalid="skip"), rows, tokenizer)
+                                        on_bad_example="skip"), rows, tokenizer)
     assert prepared.report.skipped == {"marker_not_found": 1} and prepared.report.kept == 1
 
 

@@ -158,7 +158,7 @@ def test_packing_after_a_skipped_example_trains_only_the_kept_ones(tmp_path):
         model=model, args=args, train_dataset=Dataset.from_list([CONVERSATIONS[0], empty,
                                                                  CONVERSATIONS[1]]),
         processing_class=tokenizer, template="llama-3.1", collator="completion-only",
-        collator_options={"on_invalid": "skip", "max_length": 256}, packing=True)
+        collator_options={"on_bad_example": "skip", "max_length": 256}, packing=True)
     assert trainer.preparation["train"].kept == 2
     [row] = list(trainer.train_dataset)
     text = tokenizer.decode(row["input_ids"])

@@ -191,7 +191,7 @@ def test_drop_skips_long_examples_and_counts_them(tokenizer: Any, collators: Any
 
 
 def test_strict_mode_raises_instead_of_dropping(tokenizer: Any, collators: Any) -> None:
-    with pytest.raises(MaskingError, match=r"example 0 .*strict"):
+    with pytest.raises(MaskingError, match=r"example 0: .*strict"):
         prepare(collators.create("completion-only", max_length=20, strict=True), long_rows(),
                 tokenizer)
 
@@ -211,7 +211,7 @@ def test_an_empty_completion_is_an_error_naming_the_example(
     rows = [good, row]
     with pytest.raises(error, match=r"example 1: .*empty|example 1: .*no message"):
         prepare(collators.create("completion-only"), rows, tokenizer)
-    prepared = prepare(collators.create("completion-only", on_invalid="skip"), rows, tokenizer)
+    prepared = prepare(collators.create("completion-only", on_bad_example="skip"), rows, tokenizer)
     assert prepared.report.skipped == {reason: 1} and prepared.report.kept == 1
 
 
@@ -219,9 +219,9 @@ def test_a_conversation_without_assistant_turn_names_file_and_line(tokenizer: An
                                                                     collators: Any) -> None:
     rows = [{"messages": CONVERSATION, "source_file": "train.jsonl", "source_line": 1},
             {"messages": CONVERSATION[:2], "source_file": "train.jsonl", "source_line": 2}]
-    with pytest.raises(MaskingError, match=r"example 1 \(train.jsonl:2\): has no assistant"):
+    with pytest.raises(MaskingError, match=r"train.jsonl:2: has no assistant"):
         prepare(collators.create("assistant-only"), rows, tokenizer)
-    prepared = prepare(collators.create("assistant-only", on_invalid="skip"), rows, tokenizer)
+    prepared = prepare(collators.create("assistant-only", on_bad_example="skip"), rows, tokenizer)
     assert prepared.report.skipped == {"no_assistant_turn": 1}
     assert "train.jsonl:2" in prepared.report.summary()
 

@@ -5,7 +5,7 @@ and the tokens are then found through the offsets of the whole text. The marker 
 always tokenized in its left context: the failure of token-id search, where a marker tokenizes
 differently inside a sentence than alone and is never found, cannot happen. An example without
 the marker is never trained as all ``-100`` in silence: it raises with its index, or with
-``on_invalid="skip"`` it is skipped and counted.
+``on_bad_example="skip"`` it is skipped and counted.
 """
 
 from __future__ import annotations
