@@ -39,6 +39,7 @@ import torch
 from tokenizers.pre_tokenizers import ByteLevel
 
 from sft_plugins.bad_examples import POLICIES, OnBadExample, count_skips, location_of
+from sft_plugins.batching import pad_batch
 from sft_plugins.errors import (
     DataError,
     MaskingError,
@@ -686,37 +687,6 @@ class MaskingCollator:
             attention[row, cols] = 1
         batch["attention_mask"] = attention
         return batch
-
-
-def pad_batch(features: Sequence[Mapping[str, Any]], pad_token_id: int, *,
-              pad_to_multiple_of: int | None = None,
-              padding_side: Literal["right", "left"] = "right"
-              ) -> tuple[dict[str, torch.Tensor], list[slice]]:
-    """``input_ids`` (pads: the pad token), ``labels`` (pads: ``IGNORE_INDEX``) and, when any
-    row has them, ``loss_weights`` (pads: 0; rows without: 1 where labelled) as tensors, and the
-    columns each row's real tokens occupy. Shared by the padding and the packing collators."""
-    lengths = [len(f["input_ids"]) for f in features]
-    width = max(lengths)
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    shape = (len(features), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    weighted = any(WEIGHTS_KEY in f for f in features)
-    weights = torch.zeros(shape, dtype=torch.float32) if weighted else None
-    rows = [slice(0, n) if padding_side == "right" else slice(width - n, width)
-            for n in lengths]
-    for row, (feature, cols) in enumerate(zip(features, rows, strict=True)):
-        input_ids[row, cols] = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-        labels[row, cols] = torch.as_tensor(feature["labels"], dtype=torch.long)
-        if weights is not None:
-            weights[row, cols] = (torch.as_tensor(feature[WEIGHTS_KEY])
-                                  if WEIGHTS_KEY in feature
-                                  else labels[row, cols].ne(IGNORE_INDEX).float())
-    batch = {"input_ids": input_ids, "labels": labels}
-    if weights is not None:
-        batch[WEIGHTS_KEY] = weights
-    return batch, rows
 
 
 _BYTE_LEVEL: weakref.WeakKeyDictionary[Any, tuple[int, ByteLevelSpans | None]] = \

@@ -53,6 +53,7 @@ from transformers.trainer_utils import (
 
 from sft_plugins.arrow_rows import visible_rows
 from sft_plugins.attention import attend_packed_rows_by_example
+from sft_plugins.batching import PackedCollator, pack_prepared
 from sft_plugins.callbacks import PerturberCallback
 from sft_plugins.checkpoints import (
     CheckpointError,
@@ -74,7 +75,6 @@ from sft_plugins.loss import (
 )
 from sft_plugins.manager import PluginManager, get_plugin_manager
 from sft_plugins.masking import IGNORE_INDEX, MaskingCollator, PreparationReport
-from sft_plugins.packing import PackedCollator, pack_prepared
 from sft_plugins.perturb import Perturber
 from sft_plugins.preemption import SaveOnSigterm
 from sft_plugins.templates import ChatTemplate

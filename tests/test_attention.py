@@ -13,7 +13,7 @@ from transformers.masking_utils import find_packed_sequence_indices
 
 import sft_plugins.attention as attention
 from sft_plugins.attention import SDPA_PACKED, attend_packed_rows_by_example, packed_segments
-from sft_plugins.packing import PackedCollator, pack_dataset
+from sft_plugins.batching import PackedCollator, pack_dataset
 
 VOCAB = 97
 

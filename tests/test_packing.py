@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sft_plugins.attention  # noqa: F401  (registers "sdpa_packed")
+from sft_plugins.batching import PackedCollator, best_fit_decreasing, pack_dataset
 from sft_plugins.errors import DataError
 from sft_plugins.loss import shifted_targets
-from sft_plugins.packing import PackedCollator, best_fit_decreasing, pack_dataset
 from sft_plugins.perturb import batch_info
 from sft_plugins.testing import plugin_manager
 
