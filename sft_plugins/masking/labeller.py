@@ -1,0 +1,202 @@
+"""The one labeller: rows in, the ``input_ids``/``labels``/``loss_weights`` training sees out.
+
+:func:`label_examples` renders a list of rows (:mod:`.rendering`), lets the collator weigh them,
+tokenizes them in one batched call, finds each span's tokens (:mod:`.alignment`) and labels and
+truncates them (:mod:`.labels`). Preparation (:mod:`.preparation`) runs it inside
+``datasets.map``; anything that wants to show what training would learn from a row (``render``)
+calls it on a plain list and gets the same answer. Special-token text inside the data is kept as
+text here (:mod:`sft_plugins.literal_text`), as in training.
+
+It applies no bad-example policy: an example that cannot be trained on comes back as the
+:class:`~sft_plugins.errors.SkipExample` that says why, and the caller decides whether to raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from sft_plugins.errors import MaskingError, SFTPluginsError, SkipExample
+from sft_plugins.literal_text import (
+    SpecialText,
+    plain_encoder,
+    protect,
+    restore,
+    special_text,
+    splice,
+    token_ranges_from_offsets,
+)
+from sft_plugins.masking.alignment import (
+    ByteLevelSpans,
+    byte_level_spans,
+    encode_batch,
+    encode_slow,
+    token_ranges_fast,
+)
+from sft_plugins.masking.labels import check_spans, label_tokens
+from sft_plugins.masking.rendering import RenderedExample, Weighting, render_example
+
+if TYPE_CHECKING:
+    from sft_plugins.masking.collator import MaskingCollator
+    from sft_plugins.templates import ChatTemplate
+
+TokenRanges = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """One example as training sees it."""
+
+    input_ids: list[int]
+    labels: list[int]
+    """The token id where the token carries loss, ``IGNORE_INDEX`` elsewhere."""
+    loss_weights: list[float] | None
+    """Per-token weights, for collators with fractional weights only."""
+    text: str
+    """The rendered text the tokens come from (before truncation)."""
+
+
+def label_examples(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]],
+                   tokenizer: Any, template: ChatTemplate | None = None
+                   ) -> list[Labelled | SkipExample]:
+    """Each row labelled exactly as training labels it, or the :class:`SkipExample` saying why
+    it cannot be (its ``__cause__`` is the original error when one was raised).
+
+    Rows are the canonical rows of :mod:`sft_plugins.data` or TRL's formats
+    (:func:`~sft_plugins.masking.render_example`). The collator must be bound to the tokenizer
+    and template first (:meth:`~MaskingCollator.bind`, which :meth:`~MaskingCollator.prepare`
+    calls). No policy is applied here: ``on_bad_example`` and ``strict`` are the caller's.
+    """
+    context = _Context.of(collator, tokenizer, template)
+    weighed = [_weigh(collator, row, context) for row in rows]
+    labelled = iter(_label_all(collator, [w for w in weighed if isinstance(w, _Weighed)],
+                               tokenizer, context))
+    return [next(labelled) if isinstance(w, _Weighed) else w for w in weighed]
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What labelling needs from the tokenizer and template, found once per call."""
+
+    eos_text: str | None
+    template: ChatTemplate | None
+    fast: bool
+    special: SpecialText | None
+    """The tokenizer's special tokens, when their text in the data is to stay text."""
+    byte_level: ByteLevelSpans | None
+
+    @classmethod
+    def of(cls, collator: MaskingCollator, tokenizer: Any,
+           template: ChatTemplate | None) -> _Context:
+        fast = bool(getattr(tokenizer, "is_fast", False))
+        literal = collator.literal_special_tokens and fast
+        return cls(eos_text=template.eos_token if template is not None else tokenizer.eos_token,
+                   template=template, fast=fast,
+                   special=special_text(tokenizer) if literal else None,
+                   byte_level=byte_level_spans(tokenizer) if fast else None)
+
+
+@dataclass(frozen=True)
+class _Weighed:
+    """A rendered example and its collator's weighting, waiting for its tokens."""
+
+    rendered: RenderedExample
+    weighting: Weighting
+    literal: tuple[tuple[int, int], ...]
+    """Where special-token text from the data sits in the rendered text."""
+
+
+def _weigh(collator: MaskingCollator, row: Mapping[str, Any],
+           context: _Context) -> _Weighed | SkipExample:
+    """Render one row (special-token text in it kept as text) and let the collator weigh it."""
+    try:
+        originals: list[str] = []
+        if context.special is not None:
+            row, originals = protect(row, context.special)
+        rendered = render_example(row, context.template, context.eos_text)
+        literal: tuple[tuple[int, int], ...] = ()
+        if originals:
+            text, places = restore(rendered.text, originals)
+            rendered, literal = replace(rendered, text=text), tuple(places)
+        weighting = collator.weigh(rendered)
+        check_spans(weighting.spans, len(rendered.text))
+    except SkipExample as skip:
+        return skip
+    except SFTPluginsError as error:  # DataError, TemplateError, MaskingError...
+        return _skip(getattr(error, "rule", None) or "invalid", error)
+    return _Weighed(rendered, weighting, literal)
+
+
+def _skip(reason: str, error: SFTPluginsError) -> SkipExample:
+    skip = SkipExample(reason, str(error))
+    skip.__cause__ = error
+    return skip
+
+
+def _label_all(collator: MaskingCollator, items: list[_Weighed], tokenizer: Any,
+               context: _Context) -> list[Labelled | SkipExample]:
+    """The weighed examples tokenized in one batch, aligned and labelled."""
+    tokens = _tokenize(items, tokenizer, context)
+    return [aligned if isinstance(aligned, SkipExample) else _label(collator, item, *aligned)
+            for item, aligned in zip(items, tokens, strict=True)]
+
+
+def _tokenize(items: list[_Weighed], tokenizer: Any,
+              context: _Context) -> Iterator[tuple[list[int], TokenRanges] | SkipExample]:
+    """Token ids and each span's token range, item after item (one batched tokenizer call
+    first, for a fast tokenizer); lazily, so that each item's ranges go once it is labelled."""
+    if not context.fast:
+        yield from (_encode_slow(item, tokenizer) for item in items)
+        return
+    encodings = encode_batch([item.rendered for item in items], tokenizer,
+                             offsets=context.byte_level is None)
+    encoder = plain_encoder(tokenizer) if any(item.literal for item in items) else None
+    for item, encoding in zip(items, encodings, strict=True):
+        yield _align(item, encoding, tokenizer, context, encoder)
+
+
+def _encode_slow(item: _Weighed, tokenizer: Any) -> tuple[list[int], TokenRanges] | SkipExample:
+    try:
+        return encode_slow(tokenizer, item.rendered.text, item.weighting.spans,
+                           item.rendered.add_special_tokens)
+    except MaskingError as error:
+        return _skip("invalid", error)
+
+
+def _align(item: _Weighed, encoding: Any, tokenizer: Any, context: _Context,
+           encoder: Any) -> tuple[list[int], TokenRanges]:
+    """Ids and ranges from a fast encoding: by byte lengths where they add up, else offsets;
+    special-token text from the data spliced back in as the plain text it is."""
+    text, spans = item.rendered.text, item.weighting.spans
+    if item.literal:
+        encoding = _with_offsets(item, encoding, tokenizer, context)
+        ids, offsets = splice(encoding.ids, encoding.offsets, text, item.literal,
+                              context.special, encoder)  # type: ignore[arg-type]
+        return ids, token_ranges_from_offsets(offsets, spans)
+    if context.byte_level is not None and not item.rendered.add_special_tokens:
+        ranges = context.byte_level.ranges(text, encoding.ids, spans)
+        if ranges is not None:
+            return encoding.ids, ranges
+    encoding = _with_offsets(item, encoding, tokenizer, context)
+    return encoding.ids, token_ranges_fast(encoding, spans)
+
+
+def _with_offsets(item: _Weighed, encoding: Any, tokenizer: Any, context: _Context) -> Any:
+    """The item's encoding with offsets: the batch's, or, when the batch was encoded without
+    them (byte-level tokenizers), once more with them."""
+    if context.byte_level is None:
+        return encoding
+    return encode_batch([item.rendered], tokenizer)[0]
+
+
+def _label(collator: MaskingCollator, item: _Weighed, ids: list[int],
+           ranges: TokenRanges) -> Labelled | SkipExample:
+    try:
+        ids, labels, weights = label_tokens(collator, item.weighting, ids, ranges)
+    except SkipExample as skip:
+        return skip
+    return Labelled(ids, labels, weights, item.rendered.text)
+
+
+__all__ = ["Labelled", "label_examples"]

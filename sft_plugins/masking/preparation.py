@@ -1,0 +1,166 @@
+"""Labelling a whole data set once, before training: the ``datasets.map`` driver and its report.
+
+:meth:`MaskingCollator.prepare` runs :func:`~sft_plugins.masking.label_examples` on every batch
+inside ``datasets.map`` (``num_proc`` and the ``datasets`` cache work), settles every example it
+could not label with the one bad-example policy (:mod:`sft_plugins.bad_examples`): raise, naming
+where the example came from, or mark it, count it by reason and drop it. The report says what was
+kept and skipped before training starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from sft_plugins.bad_examples import count_skips, location_of
+from sft_plugins.errors import MaskingError, SkipExample
+from sft_plugins.loss import WEIGHTS_KEY
+from sft_plugins.masking.labeller import Labelled, label_examples
+from sft_plugins.processes import tokenizers_parallelism_kept
+
+if TYPE_CHECKING:
+    import datasets
+
+    from sft_plugins.masking.collator import MaskingCollator
+    from sft_plugins.templates import ChatTemplate
+
+SKIP_COLUMN = "skip_reason"
+"""Column of the mapped (not yet filtered) data set: why a row is skipped, null if kept."""
+DETAIL_COLUMN = "skip_detail"
+"""The skipped row's full message (where it came from, the reason, what was wrong)."""
+
+COLUMN_TYPES = {
+    "input_ids": pa.list_(pa.int32()),
+    "labels": pa.list_(pa.int32()),
+    WEIGHTS_KEY: pa.list_(pa.float32()),
+    SKIP_COLUMN: pa.string(),
+    DETAIL_COLUMN: pa.string(),
+}
+"""Explicit Arrow types of the map's output: ``datasets`` would otherwise scan every Python list
+to infer them, which costs as much as the labelling itself."""
+
+QUOTED_SKIPS = 5
+"""How many skipped examples the report quotes in full (the counts cover all of them)."""
+
+COUNTED_ONLY = ("too_long", "truncated_away")
+"""Reasons counted whatever ``on_bad_example`` says: the collator's own truncation rule asked
+for the skip (a ``strict`` collator raises for ``truncated_away``)."""
+
+
+@dataclass
+class PreparationReport:
+    """What preparation did: how many examples it kept, and every skip, counted by reason."""
+
+    total: int
+    kept: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    first_skips: list[str] = field(default_factory=list)
+    """The messages of the first skipped examples (where it came from, what was wrong)."""
+
+    def skip_counts(self) -> str:
+        """``"2 too_long, 1 invalid"``: the skipped examples counted by reason."""
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+
+    def summary(self) -> str:
+        """One paragraph for the log, printed before training starts."""
+        line = f"prepared {self.kept} of {self.total} examples"
+        if not self.skipped:
+            return line + "; none skipped"
+        return "\n  ".join([f"{line}; skipped {self.total - self.kept}: {self.skip_counts()}",
+                            *self.first_skips])
+
+
+@dataclass
+class PreparedDataset:
+    """A prepared data set (``input_ids``, ``labels``, maybe ``loss_weights``) and its report."""
+
+    dataset: datasets.Dataset
+    report: PreparationReport
+
+
+def prepare_dataset(collator: MaskingCollator, dataset: datasets.Dataset, tokenizer: Any,
+                    template: ChatTemplate | None, *, num_proc: int | None, batch_size: int,
+                    load_from_cache_file: bool | None, desc: str | None) -> PreparedDataset:
+    """:meth:`MaskingCollator.prepare`: bind, label every batch, count and drop the skips."""
+    collator.bind(tokenizer, template)
+    with tokenizers_parallelism_kept():
+        mapped = dataset.map(
+            label_batch, batched=True, batch_size=batch_size, with_indices=True,
+            num_proc=num_proc, remove_columns=dataset.column_names,
+            load_from_cache_file=load_from_cache_file, desc=desc,
+            fn_kwargs={"collator": collator, "tokenizer": tokenizer, "template": template})
+        return _drop_skipped(mapped, num_proc)
+
+
+def label_batch(batch: Mapping[str, list[Any]], indices: Sequence[int], *,
+                collator: MaskingCollator, tokenizer: Any,
+                template: ChatTemplate | None) -> pa.Table:
+    """The ``datasets.map`` function: :func:`label_examples` on the batch's rows, as an Arrow
+    table with explicit column types; a skipped row is empty, with its reason and message."""
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    columns: dict[str, list[Any]] = {name: [] for name in COLUMN_TYPES
+                                     if name != WEIGHTS_KEY or collator.weighted}
+    for index, row, result in zip(indices, rows, label_examples(collator, rows, tokenizer,
+                                                                template), strict=True):
+        if isinstance(result, SkipExample):
+            _append_skip(columns, collator, result, location_of(row, index))
+        else:
+            _append_labelled(columns, result)
+    return pa.table({name: pa.array(values, type=COLUMN_TYPES[name])
+                     for name, values in columns.items()})
+
+
+def _append_labelled(columns: dict[str, list[Any]], labelled: Labelled) -> None:
+    columns["input_ids"].append(labelled.input_ids)
+    columns["labels"].append(labelled.labels)
+    if WEIGHTS_KEY in columns:
+        columns[WEIGHTS_KEY].append(labelled.loss_weights)
+    columns[SKIP_COLUMN].append(None)
+    columns[DETAIL_COLUMN].append(None)
+
+
+def _append_skip(columns: dict[str, list[Any]], collator: MaskingCollator, skip: SkipExample,
+                 where: str) -> None:
+    """Mark a skipped row, or raise when the bad-example policy (or ``strict``) says so."""
+    _settle(collator, skip, where)
+    for name in ("input_ids", "labels", WEIGHTS_KEY):
+        if name in columns:
+            columns[name].append([])
+    columns[SKIP_COLUMN].append(skip.reason)
+    columns[DETAIL_COLUMN].append(f"{where}: {skip.reason}: {skip}")
+
+
+def _settle(collator: MaskingCollator, skip: SkipExample, where: str) -> None:
+    """Raise for a skip the collator's options do not allow; return for one to count."""
+    if skip.reason == "truncated_away" and collator.strict:
+        raise MaskingError(f"{where}: {skip} (strict mode)") from skip
+    if skip.reason in COUNTED_ONLY or collator.on_bad_example == "skip":
+        return
+    cause = skip.__cause__
+    kind = type(cause) if cause is not None and not isinstance(cause, SkipExample) \
+        else MaskingError
+    raise kind(f"{where}: {skip}. Fix the example, or skip such examples with "
+               "on_bad_example='skip'") from (cause or skip)
+
+
+def _drop_skipped(mapped: datasets.Dataset, num_proc: int | None) -> PreparedDataset:
+    """Count the marked rows in Arrow (a million kept rows never become a million Python
+    strings), quote the first, drop them and the marks."""
+    bad = count_skips(mapped.data.column(SKIP_COLUMN))
+    first_skips: list[str] = []
+    total = len(mapped)
+    if bad.total:
+        first_skips = mapped.data.column(DETAIL_COLUMN).take(
+            bad.positions[:QUOTED_SKIPS]).to_pylist()
+        mapped = mapped.filter(lambda reasons: [r is None for r in reasons],
+                               input_columns=SKIP_COLUMN, batched=True, num_proc=num_proc)
+    mapped = mapped.remove_columns([SKIP_COLUMN, DETAIL_COLUMN])
+    report = PreparationReport(total=total, kept=len(mapped), skipped=bad.counts,
+                               first_skips=first_skips)
+    return PreparedDataset(mapped, report)
+
+
+__all__ = ["PreparationReport", "PreparedDataset", "label_batch", "prepare_dataset"]
