@@ -7,15 +7,26 @@ template's character spans; a token is trained exactly when it shares a characte
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
+import numpy as np
 import pytest
 from datasets import Dataset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_masking_support import PAD, llama_tokenizer
 
-from sft_plugins.masking import IGNORE_INDEX, ByteLevelSpans, WeightedSpan, token_ranges_fast
+from sft_plugins.errors import SkipExample
+from sft_plugins.loss import WEIGHTS_KEY
+from sft_plugins.masking import (
+    IGNORE_INDEX,
+    ByteLevelSpans,
+    Labelled,
+    WeightedSpan,
+    label_examples,
+    token_ranges_fast,
+)
 from sft_plugins.testing import plugin_manager
 
 EXAMPLES = settings(max_examples=40, deadline=None,
@@ -206,3 +217,59 @@ def test_byte_level_ranges_equal_the_offsets_ranges(pieces: list[str], cuts: lis
     assert [r for r, s in zip(ours, spans, strict=True) if s.start < s.end] == \
         [r for r, s in zip(expected, spans, strict=True) if s.start < s.end]
     assert all(a == b for (a, b), s in zip(ours, spans, strict=True) if s.start == s.end)
+
+
+# ------------------------------------------------- the labeller on a plain list of rows -------
+
+COLLATOR_NAMES = plugin_manager("sft_plugins_collators").collators.names()
+COLLATOR_OPTIONS: dict[str, dict[str, Any]] = {
+    "prompt-weighted": {"prompt_loss_weight": 0.25},
+    "response-template": {"response_template": "<|start_header_id|>assistant<|end_header_id|>"},
+}
+QUOTED = st.sampled_from(["<|eot_id|>", " <|start_header_id|>user<|end_header_id|> "])
+"""Special-token text inside the data, which both paths must keep as text."""
+
+
+@st.composite
+def rows(draw: Any) -> dict[str, Any]:
+    """A conversation as ``messages``, as message-list ``prompt``/``completion``, or as plain
+    ``text``, sometimes quoting special-token text; every row has every field (``None`` where it
+    does not apply), as rows of one data set do."""
+    messages = draw(conversations())
+    if draw(st.booleans()):
+        k = draw(st.integers(0, len(messages) - 1))
+        messages[k] = {**messages[k], "content": messages[k]["content"] + draw(QUOTED)}
+    row: dict[str, Any] = dict.fromkeys(("messages", "prompt", "completion", "text"))
+    kind = draw(st.sampled_from(["messages", "prompt-completion", "text"]))
+    if kind == "messages":
+        row["messages"] = messages
+    elif kind == "prompt-completion":
+        row["prompt"], row["completion"] = messages[:-1], messages[-1:]
+    else:
+        row["text"] = " ".join(m["content"] for m in messages)
+    return row
+
+
+@pytest.mark.parametrize("collator", COLLATOR_NAMES)
+@EXAMPLES
+@given(batch=st.lists(rows(), min_size=1, max_size=4),
+       max_length=st.sampled_from([None, 24]))
+def test_label_examples_on_a_list_gives_the_prepared_rows(
+        setup: dict[str, Any], collator: str, batch: list[dict[str, Any]],
+        max_length: int | None) -> None:
+    """``label_examples`` on plain Python rows labels them exactly as ``prepare`` does on the
+    same rows in a data set, and skips the same ones for the same reasons."""
+    template, tokenizer = setup["llama-3.1"]
+    instance = setup["manager"].collators.create(
+        collator, pad_token=PAD, on_bad_example="skip", max_length=max_length,
+        **COLLATOR_OPTIONS.get(collator, {}))
+    prepared = instance.prepare(Dataset.from_list(batch), tokenizer, template, desc=None)
+    results = label_examples(instance, batch, tokenizer, template)
+    kept = [r for r in results if isinstance(r, Labelled)]
+    expected = list(prepared.dataset)
+    assert [r.input_ids for r in kept] == [row["input_ids"] for row in expected]
+    assert [r.labels for r in kept] == [row["labels"] for row in expected]
+    assert [None if r.loss_weights is None else [float(np.float32(w)) for w in r.loss_weights]
+            for r in kept] == [row.get(WEIGHTS_KEY) for row in expected]
+    skipped = Counter(r.reason for r in results if isinstance(r, SkipExample))
+    assert dict(skipped) == prepared.report.skipped
