@@ -7,21 +7,8 @@ command) to see and use what is registered.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
-import pluggy
-
-PROJECT_NAME = "sft_plugins"
-"""The pluggy project name, which is also the entry-point group third-party plugins use."""
-
-hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
-"""Decorator that marks a function in a plugin module as the implementation of a hook."""
-
-try:
-    __version__ = version("sft-plugins")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
-
-from sft_plugins.manager import PluginManager, get_plugin_manager  # noqa: E402
+from sft_plugins._version import __version__
+from sft_plugins.hookspecs import PROJECT_NAME, hookimpl
+from sft_plugins.manager import PluginManager, get_plugin_manager
 
 __all__ = ["PROJECT_NAME", "PluginManager", "__version__", "get_plugin_manager", "hookimpl"]

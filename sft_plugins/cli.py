@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sft_plugins import __version__
+from sft_plugins._version import __version__
 from sft_plugins.errors import SFTPluginsError
 from sft_plugins.manager import PluginManager, get_plugin_manager
 

@@ -17,14 +17,18 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from sft_plugins import PROJECT_NAME
-
 if TYPE_CHECKING:
     from sft_plugins.masking import MaskingCollator
     from sft_plugins.perturb import Perturber
     from sft_plugins.templates import ChatTemplate
 
+PROJECT_NAME = "sft_plugins"
+"""The pluggy project name, which is also the entry-point group third-party plugins use."""
+
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+"""Decorator that marks a function in a plugin module as the implementation of a hook
+(re-exported as ``sft_plugins.hookimpl``)."""
 
 
 @hookspec

@@ -24,7 +24,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, concatenate_datasets
 from datasets.fingerprint import Hasher
 
-from sft_plugins import __version__
+from sft_plugins._version import __version__
 from sft_plugins.bad_examples import QUOTED, OnBadExample, count_skips, describe_location
 from sft_plugins.data.formats import (
     CANONICALISERS,
