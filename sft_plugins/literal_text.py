@@ -54,7 +54,8 @@ def special_text(tokenizer: Any) -> SpecialText | None:
                if getattr(t, "special", False) and len(t.content) >= 2}
     if not special:
         return None
-    strings = sorted(set(special.values()), key=len, reverse=True)  # longest match first
+    # longest match first; ties by text, so every process builds the same (fingerprinted) value
+    strings = sorted(set(special.values()), key=lambda s: (-len(s), s))
     return SpecialText(re.compile("|".join(map(re.escape, strings))), frozenset(special),
                        tuple(sorted({s[:2] for s in strings})))
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
-from sft_plugins import PROJECT_NAME, hookspecs
-from sft_plugins.errors import PluginLoadError, SFTPluginsError
+from sft_plugins import hookspecs
+from sft_plugins.errors import PluginLoadError, SFTPluginsError, TemplateError
 from sft_plugins.registry import Registry
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from sft_plugins.perturb import Perturber
     from sft_plugins.templates import ChatTemplate
 
-ENTRY_POINT_GROUP = PROJECT_NAME
+ENTRY_POINT_GROUP = hookspecs.PROJECT_NAME
 DISABLE_ENV = "SFT_PLUGINS_DISABLE"
 TRACE_ENV = "SFT_PLUGINS_TRACE"
 
@@ -120,10 +120,9 @@ class PluginManager:
 
     def select_chat_template(self, tokenizer: Any) -> ChatTemplate | None:
         """The registered template a plugin recognises for ``tokenizer``, or ``None``."""
-        text = getattr(tokenizer, "chat_template", None)
-        if isinstance(text, dict):  # tokenizers may carry several named templates
-            text = text.get("default")
-        arguments = {"tokenizer": tokenizer, "chat_template": text}
+        from sft_plugins.templates import tokenizer_template_text
+
+        arguments = {"tokenizer": tokenizer, "chat_template": tokenizer_template_text(tokenizer)}
         for impl in reversed(self.pm.hook.select_chat_template.get_hookimpls()):  # call order
             plugin = impl.plugin_name
             try:
@@ -142,17 +141,31 @@ class PluginManager:
             return self.templates.get(name)
         return None
 
-    def resolve_template(self, name: str | None, tokenizer: Any = None) -> ChatTemplate | None:
-        """The template to train or render with: the one named, else the one a plugin
+    def resolve_template(self, template: str | ChatTemplate | None, tokenizer: Any = None,
+                         variables: Mapping[str, Any] | None = None) -> ChatTemplate | None:
+        """The template to train or render with, the one way every command and the trainer
+        choose it: the one given (a name, or a :class:`ChatTemplate`), else the one a plugin
         recognises in ``tokenizer``, else the tokenizer's own template taken as is (spans by
-        prefix diffing), else ``None`` (the tokenizer has no template: plain text only)."""
-        if name:
-            return self.templates.get(name)
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            return None
-        from sft_plugins.templates import ChatTemplate
+        prefix diffing), else ``None`` (the tokenizer has no template: plain text only).
 
-        return self.select_chat_template(tokenizer) or ChatTemplate.from_tokenizer(tokenizer)
+        ``variables`` become the template's default variables (a name it never reads is a
+        :class:`TemplateError`, and so are variables with no template to take them).
+        """
+        from sft_plugins.templates import ChatTemplate, tokenizer_template_text
+
+        if isinstance(template, ChatTemplate):
+            resolved: ChatTemplate | None = template
+        elif template:
+            resolved = self.templates.get(template)
+        elif tokenizer is None or tokenizer_template_text(tokenizer) is None:
+            resolved = None
+        else:
+            resolved = (self.select_chat_template(tokenizer)
+                        or ChatTemplate.from_tokenizer(tokenizer))
+        if variables and resolved is None:
+            raise TemplateError(f"template variables {', '.join(sorted(variables))} were given, "
+                                "but no chat template is in use; name one (--template)")
+        return resolved.with_variables(variables or {}) if resolved else None
 
 
 
@@ -204,7 +217,7 @@ def get_plugin_manager(
     from the ``sft_plugins`` entry-point group. ``disabled``: plugin names to block (default:
     ``SFT_PLUGINS_DISABLE``). ``trace``: print every hook call (default: ``SFT_PLUGINS_TRACE``).
     """
-    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     blocked = set(disabled) if disabled is not None else _disabled_from_env()
     writer: Callable[[str], None] | None = None

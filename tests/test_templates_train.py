@@ -9,6 +9,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+from sft_plugins.errors import SFTPluginsError
 from sft_plugins.testing import plugin_manager
 from sft_plugins.trainer import SFTPluginTrainer
 
@@ -61,3 +62,26 @@ def test_phi_pads_with_its_end_of_sequence_which_is_not_its_end_of_turn(tmp_path
     tokenizer = family_tokenizer("phi-3.5")
     MANAGER.templates.get("phi-3.5").configure_tokenizer(tokenizer)
     assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>" != "<|end|>"
+
+
+def test_one_pad_rule_for_the_tokenizer_and_the_collator():
+    """A family whose own pad token the vocabulary lacks pads with its first fallback that the
+    vocabulary has: the tokenizer configuration and the collator choose it by the same rule
+    (before, the collator took the missing token and failed), and neither pads with the end of
+    turn."""
+    llama = MANAGER.templates.get("llama-3.1")
+    template = llama.with_options(
+        pad_token="<|no-such-token|>",
+        pad_fallbacks=("<|also-missing|>", "<|reserved_special_token_3|>"))
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    tokenizer.pad_token = None
+    template.configure_tokenizer(tokenizer)
+    collator = MANAGER.collators.create("assistant-only")
+    collator.bind(tokenizer, template)
+    assert tokenizer.pad_token == "<|reserved_special_token_3|>"
+    assert collator.pad_token_id == tokenizer.pad_token_id
+    with pytest.raises(SFTPluginsError, match="end-of-turn"):
+        MANAGER.collators.create("assistant-only", pad_token="<|eot_id|>").bind(tokenizer,
+                                                                                llama)
+    with pytest.raises(SFTPluginsError, match="end-of-turn"):
+        llama.configure_tokenizer(tokenizer, pad_token="<|eot_id|>")

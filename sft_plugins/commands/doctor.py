@@ -22,7 +22,7 @@ from rich.markup import escape
 
 from sft_plugins.errors import DataError, TemplateError
 from sft_plugins.manager import PluginManager, get_plugin_manager
-from sft_plugins.templates import ChatTemplate
+from sft_plugins.templates import ChatTemplate, tokenizer_template_text
 from sft_plugins.templates._jinja import has_generation_markers
 
 SAMPLE = [
@@ -79,13 +79,6 @@ def load_tokenizer(directory: Path) -> Any:
                         f"{exc}); point doctor at a model or tokenizer directory") from None
 
 
-def template_text(tokenizer: Any) -> str | None:
-    text = getattr(tokenizer, "chat_template", None)
-    if isinstance(text, dict):
-        text = text.get("default")
-    return text if isinstance(text, str) and text.strip() else None
-
-
 def _sample_render(template: ChatTemplate, prompt: bool, answered: bool = False) -> str:
     """Render the sample (without system message if the template refuses one)."""
     messages = SAMPLE[:3] if answered else SAMPLE
@@ -134,7 +127,7 @@ def _diff(theirs: str, ours: str, name: str, limit: int = 60) -> str:
 def check_template(report: Report, tokenizer: Any, manager: PluginManager,
                    named: ChatTemplate | None) -> ChatTemplate | None:
     """Detect the family and report known bugs or a modified template; return the family."""
-    text = template_text(tokenizer)
+    text = tokenizer_template_text(tokenizer)
     family = named or manager.select_chat_template(tokenizer)
     if text is None:
         report.findings.append(Finding(
@@ -173,7 +166,7 @@ def check_template(report: Report, tokenizer: Any, manager: PluginManager,
 
 def check_rendering(report: Report, tokenizer: Any, family: ChatTemplate | None) -> None:
     """Checks that render the tokenizer's own template: prompt flag, markers, BOS, padding."""
-    text = template_text(tokenizer)
+    text = tokenizer_template_text(tokenizer)
     end_of_turn = family.end_of_turn if family else tokenizer.eos_token
     if text is not None:
         own = ChatTemplate.from_tokenizer(tokenizer)
@@ -248,7 +241,7 @@ def _embedding_rows(files: list[Path], ids: list[int]) -> Iterator[tuple[Any, An
 def check_embeddings(report: Report, directory: Path, tokenizer: Any) -> None:
     """Special tokens the template uses whose embedding rows are (near) zero: untrained."""
     files = _weight_files(directory)
-    text = template_text(tokenizer)
+    text = tokenizer_template_text(tokenizer)
     if not files or text is None:
         return
     try:

@@ -16,15 +16,14 @@ import torch
 
 from sft_plugins.bad_examples import POLICIES, OnBadExample
 from sft_plugins.batching import pad_batch
-from sft_plugins.errors import MaskingError, PluginOptionError
+from sft_plugins.errors import MaskingError, PluginOptionError, TemplateError
 from sft_plugins.masking.alignment import encode_batch
 from sft_plugins.masking.preparation import PreparedDataset, prepare_dataset
 from sft_plugins.masking.rendering import RenderedExample, Weighting
+from sft_plugins.templates import ChatTemplate
 
 if TYPE_CHECKING:
     import datasets
-
-    from sft_plugins.templates import ChatTemplate
 
 Truncation = Literal["keep_start", "keep_end", "drop"]
 TRUNCATIONS: tuple[str, ...] = ("keep_start", "keep_end", "drop")
@@ -125,20 +124,14 @@ class MaskingCollator:
     # -- preparation --------------------------------------------------------------------
 
     def resolve_pad_token_id(self, tokenizer: Any, template: ChatTemplate | None) -> int:
-        """The pad token id: the option, else the template's pad token, else the tokenizer's.
-
-        An error if there is none, or if it is the token that ends a trained turn (the
-        template's end of turn; without a template, the tokenizer's end of sequence): labels
-        here follow positions, but any code that masks labels by pad id would then hide the
-        stop token. A pad equal to an end of sequence that is not the end of turn is accepted
-        (Phi-3.5 ships ``pad_token == eos_token == "<|endoftext|>"``), as
-        :meth:`ChatTemplate.configure_tokenizer` accepts it.
+        """The pad token id, by the rule tokenizer configuration follows too
+        (:meth:`ChatTemplate.training_pad_token`): the ``pad_token`` option, else the template's
+        pad token or the first of its fallbacks the vocabulary has, else the tokenizer's; never
+        the token that ends a trained turn (labels here follow positions, but any code that
+        masks labels by pad id would then hide the stop token). Without a template, the
+        tokenizer's pad token, which must not be its end of sequence.
         """
         token = self._pad_token(tokenizer, template)
-        if token == _end_of_trained_turn(tokenizer, template):
-            raise MaskingError(f"collator {self.name!r}: the pad token {token!r} ends a trained "
-                               "turn (the end-of-turn/end-of-sequence token the model must "
-                               "learn to produce); pass pad_token=<an unused special token>")
         token_id = tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == getattr(tokenizer, "unk_token_id", object()):
             raise MaskingError(f"collator {self.name!r}: pad token {token!r} is not in the "
@@ -146,11 +139,21 @@ class MaskingCollator:
         return int(token_id)
 
     def _pad_token(self, tokenizer: Any, template: ChatTemplate | None) -> str:
-        token = self.pad_token or (template.pad_token if template is not None else None)
-        token = token or tokenizer.pad_token
+        if isinstance(template, ChatTemplate):
+            try:
+                return template.training_pad_token(tokenizer, self.pad_token)
+            except TemplateError as exc:
+                raise MaskingError(f"collator {self.name!r}: {exc}") from None
+        token = self.pad_token or getattr(template, "pad_token", None) or tokenizer.pad_token
         if token is None:
             raise MaskingError(f"collator {self.name!r}: no pad token (the template and the "
                                "tokenizer have none); pass pad_token=<an unused special token>")
+        end = getattr(template, "eos_token", None) if template is not None else \
+            tokenizer.eos_token
+        if token == end:
+            raise MaskingError(f"collator {self.name!r}: the pad token {token!r} ends a trained "
+                               "turn (the end-of-sequence token the model must learn to "
+                               "produce); pass pad_token=<an unused special token>")
         return token
 
     def bind(self, tokenizer: Any, template: ChatTemplate | None) -> None:
@@ -210,14 +213,6 @@ def _with_base_options(own: list[inspect.Parameter]) -> inspect.Signature:
     names = {p.name for p in merged}
     merged += [p for p in base if p.name not in names and p.name != "self"]
     return inspect.Signature(merged[1:])
-
-
-def _end_of_trained_turn(tokenizer: Any, template: ChatTemplate | None) -> str | None:
-    """The template's end of turn (else its end of sequence); without a template, the
-    tokenizer's end of sequence."""
-    if template is None:
-        return tokenizer.eos_token
-    return getattr(template, "end_of_turn", None) or getattr(template, "eos_token", None)
 
 
 __all__ = ["TRUNCATIONS", "MaskingCollator", "Truncation"]

@@ -33,6 +33,15 @@ Check = Callable[[Sequence[Mapping[str, Any]], Any], None]
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
+def tokenizer_template_text(tokenizer: Any) -> str | None:
+    """The chat template a tokenizer carries, or ``None``. A tokenizer may carry several named
+    templates (a dict); the one used for chat is ``default``."""
+    text = getattr(tokenizer, "chat_template", None)
+    if isinstance(text, Mapping):
+        text = text.get("default")
+    return text if isinstance(text, str) and text.strip() else None
+
+
 @dataclass(frozen=True)
 class MessageSpan:
     """Where one input message landed in the rendered text (character offsets, end exclusive)."""
@@ -120,10 +129,8 @@ class ChatTemplate:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, *, name: str = "tokenizer") -> ChatTemplate:
         """The template a tokenizer carries, taken as is (spans by prefix diffing)."""
-        text = getattr(tokenizer, "chat_template", None)
-        if isinstance(text, dict):
-            text = text.get("default")
-        if not isinstance(text, str) or not text.strip():
+        text = tokenizer_template_text(tokenizer)
+        if text is None:
             raise TemplateError(
                 f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
                 "name one (sft-plugins list shows them)")
@@ -361,6 +368,23 @@ class ChatTemplate:
         the family's pad token, or a fallback, whichever the vocabulary has). The vocabulary
         only grows with ``add_missing_tokens=True``. Returns the tokenizer.
         """
+        chosen = self.training_pad_token(tokenizer, pad_token,
+                                         add_missing_tokens=add_missing_tokens)
+        tokenizer.pad_token = chosen
+        tokenizer.chat_template = self.tokenizer_source
+        return tokenizer
+
+    def training_pad_token(self, tokenizer: Any, pad_token: str | None = None, *,
+                           add_missing_tokens: bool = False) -> str:
+        """The token to pad with in training: ``pad_token`` if given, else the family's pad
+        token, else its first fallback the vocabulary has, else the tokenizer's own.
+
+        Never the end-of-turn token, which the model must learn to produce (masking pads would
+        mask its stop signal). A pad equal to the end of *sequence* is accepted when that is not
+        the end of turn (Phi-3.5 declares ``pad_token == eos_token == "<|endoftext|>"`` and ends
+        turns with ``<|end|>``). With ``add_missing_tokens=True`` a missing first choice is added
+        to the tokenizer's vocabulary (then resize the model's embeddings).
+        """
         vocab = tokenizer.get_vocab()
         candidates = [t for t in (pad_token, self.pad_token, *self.pad_fallbacks) if t]
         chosen = next((t for t in candidates if t in vocab), None)
@@ -369,20 +393,29 @@ class ChatTemplate:
             chosen = candidates[0]
         if chosen is None:
             current = tokenizer.pad_token
-            if current is None or current == self.end_of_turn:
+            if current is None or current == (self.end_of_turn or self.eos_token):
                 raise TemplateError(
                     f"chat template {self.name!r}: none of the pad tokens "
                     f"{candidates or '(none declared)'} is in the tokenizer's vocabulary and its "
                     f"own pad token is {current!r}; pass pad_token=... or "
                     "add_missing_tokens=True (then resize the embeddings)")
             chosen = current
-        if chosen == self.end_of_turn:
+        if chosen == (self.end_of_turn or self.eos_token):
             raise TemplateError(f"chat template {self.name!r}: refusing to pad with the "
-                                f"end-of-turn token "
-                                f"{chosen!r}: masking pads would mask the model's stop signal")
-        tokenizer.pad_token = chosen
-        tokenizer.chat_template = self.tokenizer_source
-        return tokenizer
+                                f"end-of-turn token {chosen!r}: masking pads would mask the "
+                                "model's stop signal; pass pad_token=<an unused special token>")
+        return chosen
+
+    def check_tokens(self, tokenizer: Any) -> None:
+        """Refuse a tokenizer that lacks one of this template's special tokens (the template of
+        another family, most likely)."""
+        vocabulary = tokenizer.get_vocab()
+        missing = [t for t in self.special_tokens if t not in vocabulary]
+        if missing:
+            raise TemplateError(
+                f"chat template {self.name!r} uses special tokens the tokenizer does not have: "
+                f"{', '.join(missing)}. Pick the template of this model's family (--template), "
+                "or a tokenizer that has them")
 
     @property
     def special_tokens(self) -> list[str]:
@@ -411,6 +444,15 @@ class ChatTemplate:
                 f"chat template {self.name!r} reads no variable named "
                 f"{', '.join(map(repr, unknown))}; the variables it reads are "
                 f"{', '.join(own) if own else 'only the standard ones (messages, tools, ...)'}")
+
+    def with_variables(self, variables: Mapping[str, Any]) -> ChatTemplate:
+        """This template rendering with ``variables`` as default template variables (for example
+        ``omit_knowledge_date=True`` or ``date_string`` for Llama 3.1); a name the template never
+        reads is a :class:`TemplateError`."""
+        if not variables:
+            return self
+        self.check_variables(variables)
+        return self.with_options(variables={**self.variables, **variables})
 
     def with_options(self, **changes: Any) -> ChatTemplate:
         """A copy with some fields changed (for example other default ``variables``)."""
@@ -475,4 +517,5 @@ __all__ = [
     "RenderedConversation",
     "fingerprint",
     "strip_message_markers",
+    "tokenizer_template_text",
 ]
