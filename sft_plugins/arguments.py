@@ -6,7 +6,12 @@ them so that building the command line imports neither torch nor transformers' m
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sft_plugins.errors import ConfigError
 
 
 @dataclass
@@ -85,4 +90,68 @@ class PluginArguments:
                 "never marked complete (the optimizer or noise then restart), with a warning."})
 
 
-__all__ = ["DataArguments", "ModelArguments", "PluginArguments"]
+def _positive(value: float | None) -> bool:
+    return value is not None and value > 0
+
+
+def check_arguments(model_args: Any, data_args: Any, plugin_args: Any,
+                    training_args: Any) -> None:
+    """Refuse, before anything is loaded, values that transformers accepts and then trains
+    wrongly with or crashes on (``--num_train_epochs 0`` saving an untrained model, a zero batch
+    size dividing by zero at step 1, ...). Each error names the flag."""
+    _check_training(training_args)
+    _check_plugin_flags(plugin_args)
+    _check_output_dir(Path(training_args.output_dir))
+
+
+def _check_training(args: Any) -> None:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ConfigError(f"--max_steps {args.max_steps}: give a positive number of steps, or "
+                          "-1 to train --num_train_epochs")
+    if args.max_steps == -1 and not _positive(args.num_train_epochs):
+        raise ConfigError(f"--num_train_epochs {args.num_train_epochs}: nothing would be "
+                          "trained; give a positive number of epochs (or --max_steps)")
+    if args.learning_rate < 0:
+        raise ConfigError(f"--learning_rate {args.learning_rate}: a negative learning rate "
+                          "climbs the loss; give a positive one")
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} {getattr(args, flag)}: must be at least 1")
+    for flag, strategy in (("save_steps", "save_strategy"), ("logging_steps", "logging_strategy"),
+                           ("eval_steps", "eval_strategy")):
+        value, every = getattr(args, flag), getattr(args, strategy)
+        if getattr(every, "value", every) == "steps" and value is not None \
+                and not _positive(value):
+            raise ConfigError(f"--{flag} {value}: with --{strategy} steps it must be a "
+                              "positive number of steps (or a fraction of training below 1)")
+    unknown = [name for name in args.report_to or []
+               if name not in ("all", "none") and name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise ConfigError(f"--report_to {' '.join(unknown)}: unknown; use none, all or some of "
+                          f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+
+
+def _check_plugin_flags(plugin_args: Any) -> None:
+    if plugin_args.logits_chunk_size < 1:
+        raise ConfigError(f"--logits_chunk_size {plugin_args.logits_chunk_size}: must be at "
+                          "least 1")
+    if plugin_args.max_length is not None and plugin_args.max_length < 1:
+        raise ConfigError(f"--max_length {plugin_args.max_length}: must be at least 1")
+    if plugin_args.packing and plugin_args.max_length is None:
+        raise ConfigError("--packing needs --max_length, the length of a packed row in tokens")
+
+
+def _check_output_dir(out: Path) -> None:
+    """--output_dir must be a directory this process can create or write into."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out} is a file; give a directory")
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {out}: {existing} is not writable by this user; give a "
+                          "directory you can write to")
+
+
+__all__ = ["DataArguments", "ModelArguments", "PluginArguments", "check_arguments"]

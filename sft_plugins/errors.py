@@ -62,6 +62,10 @@ class ModelLoadError(SFTPluginsError, ValueError):
     """A model or tokenizer cannot be loaded as asked, or the flags asking for it conflict."""
 
 
+class ConfigError(SFTPluginsError, ValueError):
+    """Arguments, options or a config file ask for something that cannot be done."""
+
+
 class LaunchError(SFTPluginsError, RuntimeError):
     """The processes were launched for distributed training but would not train together."""
 

@@ -44,9 +44,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from sft_plugins.errors import PerturberError
-
-IGNORE_INDEX = -100
-"""The label value of tokens that carry no loss (prompt tokens, pads), as in transformers."""
+from sft_plugins.loss import IGNORE_INDEX
+from sft_plugins.options import parse_bool
 
 SCHEDULES = ("constant", "linear")
 """Alpha schedules: ``constant``, or ``linear`` decay from alpha at step 0 to 0 at the last step."""
@@ -92,11 +91,10 @@ def _as_bool(value: Any, *, perturber: str, option: str) -> bool:
     """Accept booleans and the strings a command line or config file gives for them."""
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
+    try:
+        return parse_bool(str(value))
+    except ValueError:
+        pass
     raise PerturberError(
         f"perturber {perturber!r}: option {option!r} must be true or false, got {value!r}"
     )

@@ -10,9 +10,7 @@ the command line win.
 
 from __future__ import annotations
 
-import inspect
 import json
-import os
 import sys
 import typing
 from collections.abc import Mapping, Sequence
@@ -21,16 +19,19 @@ from typing import Any
 
 import click
 import yaml
+from rich.console import Console
+from rich.table import Table
 
-from sft_plugins.arguments import DataArguments, ModelArguments, PluginArguments
+from sft_plugins.arguments import (
+    DataArguments,
+    ModelArguments,
+    PluginArguments,
+    check_arguments,
+)
 from sft_plugins.checkpoints import resolve_checkpoint
-from sft_plugins.errors import SFTPluginsError
+from sft_plugins.errors import ConfigError
 
 PLUGIN_KINDS = ("template", "collator", "perturber")
-
-
-class ConfigError(SFTPluginsError, ValueError):
-    """The command line or the config file asks for something that cannot be done."""
 
 
 def config_to_argv(path: str) -> list[str]:
@@ -93,100 +94,6 @@ def plugin_options(remaining: Sequence[str]) -> dict[str, dict[str, str]]:
     return options
 
 
-def _convert(raw: str, annotation: Any, default: Any, where: str) -> Any:
-    target = annotation if isinstance(annotation, type) else None
-    if target is None:  # Optional[X] and friends: the first concrete type
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        target = args[0] if args and isinstance(args[0], type) else None
-    if target is None and default is not None and default is not inspect.Parameter.empty:
-        target = type(default)
-    if raw.lower() in ("none", "null") and (default is None or type(None) in
-                                            typing.get_args(annotation)):
-        return None
-    try:
-        if target is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if target in (int, float):
-            return target(raw)
-    except ValueError:
-        raise ConfigError(f"{where}: {raw!r} is not a {target.__name__}") from None
-    return raw
-
-
-def typed_options(factory: Any, raw: Mapping[str, str], where: str) -> dict[str, Any]:
-    """Plugin options from strings to the types the plugin's constructor declares."""
-    try:
-        hints = typing.get_type_hints(getattr(factory, "__init__", factory))
-    except Exception:  # unresolvable annotations: fall back to the defaults' types
-        hints = {}
-    parameters = inspect.signature(factory).parameters
-    typed: dict[str, Any] = {}
-    for name, value in raw.items():
-        parameter = parameters.get(name)
-        default = parameter.default if parameter is not None else None
-        typed[name] = _convert(value, hints.get(name), default, f"{where}_{name}")
-    return typed
-
-
-def _positive(value: float | None) -> bool:
-    return value is not None and value > 0
-
-
-def check_arguments(model_args: Any, data_args: Any, plugin_args: Any,
-                    training_args: Any) -> None:
-    """Refuse, before anything is loaded, values that transformers accepts and then trains
-    wrongly with or crashes on (``--num_train_epochs 0`` saving an untrained model, a zero batch
-    size dividing by zero at step 1, ...). Each error names the flag."""
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    args = training_args
-    if args.max_steps == 0 or args.max_steps < -1:
-        raise ConfigError(f"--max_steps {args.max_steps}: give a positive number of steps, or "
-                          "-1 to train --num_train_epochs")
-    if args.max_steps == -1 and not _positive(args.num_train_epochs):
-        raise ConfigError(f"--num_train_epochs {args.num_train_epochs}: nothing would be "
-                          "trained; give a positive number of epochs (or --max_steps)")
-    if args.learning_rate < 0:
-        raise ConfigError(f"--learning_rate {args.learning_rate}: a negative learning rate "
-                          "climbs the loss; give a positive one")
-    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-    for flag, strategy in (("save_steps", "save_strategy"), ("logging_steps", "logging_strategy"),
-                           ("eval_steps", "eval_strategy")):
-        value, every = getattr(args, flag), getattr(args, strategy)
-        if getattr(every, "value", every) == "steps" and value is not None \
-                and not _positive(value):
-            raise ConfigError(f"--{flag} {value}: with --{strategy} steps it must be a "
-                              "positive number of steps (or a fraction of training below 1)")
-    unknown = [name for name in args.report_to or []
-               if name not in ("all", "none") and name not in INTEGRATION_TO_CALLBACK]
-    if unknown:
-        raise ConfigError(f"--report_to {' '.join(unknown)}: unknown; use none, all or some of "
-                          f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
-    if plugin_args.logits_chunk_size < 1:
-        raise ConfigError(f"--logits_chunk_size {plugin_args.logits_chunk_size}: must be at "
-                          "least 1")
-    if plugin_args.max_length is not None and plugin_args.max_length < 1:
-        raise ConfigError(f"--max_length {plugin_args.max_length}: must be at least 1")
-    _check_output_dir(Path(args.output_dir))
-
-
-def _check_output_dir(out: Path) -> None:
-    """--output_dir must be a directory this process can create or write into."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output_dir {out} is a file; give a directory")
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output_dir {out}: {existing} is not writable by this user; give a "
-                          "directory you can write to")
-
-
 def _parser() -> Any:
     from transformers import HfArgumentParser, TrainingArguments
 
@@ -220,15 +127,45 @@ def parse(argv: Sequence[str]) -> tuple[Any, ...]:
 
 
 def run(argv: Sequence[str]) -> Any:
-    """Parse ``argv``, load everything (failing before any training), train, save. A run
-    stopped by SIGTERM (after saving its checkpoint) exits with 143."""
+    """Parse ``argv``, load everything (failing before any training), train, save, and print
+    what happened. A run stopped by SIGTERM (after saving its checkpoint) exits with 143."""
     from sft_plugins.preemption import EXIT_STATUS
     from sft_plugins.training import train_from_arguments
 
-    trainer = train_from_arguments(*parse(argv))
-    if trainer.sigterm.stopped_at is not None:
+    outcome = train_from_arguments(*parse(argv))
+    if outcome.trainer.is_world_process_zero():
+        report(outcome)
+    if outcome.outcome == "stopped_by_sigterm":
         sys.exit(EXIT_STATUS)
-    return trainer
+    return outcome
+
+
+def report(outcome: Any) -> None:
+    """Print how the run ended: a table of what was trained, or why nothing was."""
+    trainer, output_dir = outcome.trainer, outcome.trainer.args.output_dir
+    console = Console(stderr=True)
+    if outcome.outcome == "already_finished":
+        console.print(f"nothing to train: the checkpoint resumed from is at step "
+                      f"{outcome.steps}, where this run ends; {output_dir} is left as it was",
+                      highlight=False)
+        return
+    if outcome.outcome == "stopped_by_sigterm":
+        console.print(f"stopped by SIGTERM after step {outcome.stopped_at}: "
+                      f"checkpoint-{outcome.stopped_at} is saved in {output_dir}; run the same "
+                      "command with --resume_from_checkpoint true to continue", highlight=False)
+        return
+    template = trainer.chat_template
+    table = Table(title="sft-plugins train", title_justify="left", show_header=False)
+    table.add_row("template", template.name if template else "none (plain text)")
+    table.add_row("collator", trainer.collator.name)
+    table.add_row("perturber", trainer.perturber.name if trainer.perturber else "none")
+    table.add_row("examples", str(outcome.examples))
+    if trainer.packing:
+        table.add_row("packed rows", str(len(trainer.train_dataset)))
+    table.add_row("steps", str(outcome.steps))
+    table.add_row("final training loss", f"{outcome.training_loss:.4f}")
+    table.add_row("saved to", str(output_dir))
+    console.print(table)
 
 
 @click.command("train", context_settings={"ignore_unknown_options": True,
