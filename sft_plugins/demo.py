@@ -17,6 +17,7 @@ training once their exact match reaches the target (``max_steps`` stays the ceil
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -35,9 +36,6 @@ import datasets
 import torch
 import transformers
 from datasets import Dataset
-from rich.console import Console
-from rich.markup import escape
-from tqdm.auto import tqdm
 from transformers import (
     AutoTokenizer,
     LlamaConfig,
@@ -50,9 +48,13 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from sft_plugins.assets import ASSETS, LLAMA3_TOKENIZER_DIR
-from sft_plugins.errors import SFTPluginsError
+from sft_plugins.errors import SFTPluginsError, SkipExample
+from sft_plugins.masking import MaskingCollator
 from sft_plugins.templates import ChatTemplate
-from sft_plugins.trainer import SFTPluginTrainer, with_variables
+from sft_plugins.trained_view import TrainedExample, as_html, label_conversations
+from sft_plugins.trainer import SFTPluginTrainer
+
+logger = logging.getLogger(__name__)
 
 DEMO_MODEL_CONFIG = ASSETS / "demo_model_config.json"
 PROMPT = "Sort the letters: {}"
@@ -231,19 +233,21 @@ def plot_loss(log_history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_mask_view(train: Dataset, template: ChatTemplate, tokenizer: Any, out: Path,
-                    count: int = 5) -> None:
-    """``masks.html``: the first training conversations, token by token, trained ones marked."""
-    from sft_plugins.commands.render import Example, as_html, tokenize
-
+def write_mask_view(train: Dataset, template: ChatTemplate, tokenizer: Any,
+                    collator: MaskingCollator, out: Path, count: int = 5) -> None:
+    """``masks.html``: the first training conversations, token by token, labelled by the
+    collator that trains them (:mod:`sft_plugins.trained_view`)."""
+    rows = list(train.select(range(count)))
+    tokens = label_conversations(rows, collator, tokenizer, template)
     examples = []
-    for number, row in enumerate(train.select(range(count)), start=1):
+    for number, (row, token_view) in enumerate(zip(rows, tokens, strict=True), start=1):
+        if isinstance(token_view, SkipExample):  # the demo's data never is
+            raise token_view
         messages = row["prompt"] + row["completion"]
-        rendered = template.render(messages)
-        examples.append(Example(number, messages, None, rendered,
-                                tokenize(tokenizer, template, rendered)))
+        examples.append(TrainedExample(number, messages, None, template.render(messages),
+                                       token_view))
     (out / "masks.html").write_text(as_html(examples, template, "sft-plugins demo: what is "
-                                            "trained"))
+                                            "trained", collator.name))
 
 
 def _check_replaceable(out: Path) -> bool:
@@ -304,45 +308,45 @@ def _staged(out: Path) -> Iterator[Path]:
 def run_demo(output_dir: str | Path = "demo-output", *, max_steps: int = 600,
              batch_size: int = 32, learning_rate: float = 3e-3, seed: int = 0,
              eval_steps: int = 40, stop_at: float | None = 0.98, validation_size: int = 400,
-             heldout_size: int = 500, console: Console | None = None,
+             heldout_size: int = 500, say: Callable[[str], None] = logger.warning,
              started: float | None = None) -> DemoResult:
-    """Train and evaluate the demo model; see the module docstring. ``started`` is the
-    ``time.perf_counter()`` the reported wall time counts from (default: now)."""
+    """Train and evaluate the demo model; see the module docstring. Each line of progress goes
+    to ``say`` (the command line prints them). ``started`` is the ``time.perf_counter()`` the
+    reported wall time counts from (default: now)."""
     from sft_plugins import get_plugin_manager
 
     started = time.perf_counter() if started is None else started
-    console = console or Console(highlight=False, soft_wrap=True)
     interactive = sys.stdout.isatty()
     out = Path(output_dir)
     if _check_replaceable(out):
-        console.print(f"{out} holds an earlier demo run: it is replaced when this one finishes")
+        say(f"{out} holds an earlier demo run: it is replaced when this one finishes")
     if not interactive:  # a log file gets lines, not hundreds of carriage-return updates
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
     manager = get_plugin_manager()
     # the fixed template without its 'Cutting Knowledge Date' system block, which would be
     # about 45 of each example's 75 tokens with this small vocabulary; the same otherwise
-    template = with_variables(manager.templates.get("llama-3.1"), {"omit_knowledge_date": True})
+    template = manager.resolve_template("llama-3.1", variables={"omit_knowledge_date": True})
     tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
     template.configure_tokenizer(tokenizer)
     data = datasets_for(seed, max_steps * batch_size, validation_size, heldout_size)
     model = build_model(tokenizer, seed)
-    console.print(f"[bold]sft-plugins demo[/]: a {model.num_parameters() / 1e6:.2f} M-parameter "
+    say(f"sft-plugins demo: a {model.num_parameters() / 1e6:.2f} M-parameter "
                   f"Llama learns to sort letters ({len(data.train)} training examples, "
                   f"{len(data.validation)} validation and {len(data.heldout)} held-out letter "
                   f"sets it never trains on)")
 
     before = generate_answers(model, tokenizer, template, data.heldout)
     before_accuracy = exact_match(before, data.heldout)
-    console.print(f"held-out exact match before training: {before_accuracy:.1%}")
+    say(f"held-out exact match before training: {before_accuracy:.1%}")
     goal = (f"until validation exact match reaches {stop_at:.0%}, at most {max_steps} steps"
             if stop_at is not None else f"for {max_steps} steps")
-    console.print(f"training {goal} (batch {batch_size}, scored every {eval_steps} steps)")
+    say(f"training {goal} (batch {batch_size}, scored every {eval_steps} steps)")
 
     stopper = ExactMatchEarlyStopping(
         lambda m: exact_match(generate_answers(m, tokenizer, template, data.validation),
                               data.validation),
-        eval_steps=eval_steps, target=stop_at, report=lambda line: tqdm.write(line))
+        eval_steps=eval_steps, target=stop_at, report=say)
     with _staged(out) as staging:
         args = TrainingArguments(
             output_dir=str(staging), max_steps=max_steps,
@@ -365,20 +369,19 @@ def run_demo(output_dir: str | Path = "demo-output", *, max_steps: int = 600,
 
         after = generate_answers(trainer.model, tokenizer, template, data.heldout)
         after_accuracy = exact_match(after, data.heldout)
-        console.print(f"held-out exact match after training: [bold]{after_accuracy:.1%}[/] "
+        say(f"held-out exact match after training: {after_accuracy:.1%} "
                       f"(before: {before_accuracy:.1%}), after {steps} steps")
         samples = list(zip(data.heldout, before, after, strict=True))
         for letters, old, new in samples[:5]:
-            # generations are model output, not markup (an untrained model writes brackets)
-            console.print(escape(f"  {PROMPT.format(letters)!r}: before {old!r}, after "
-                                 f"{new!r}, expected {answer(letters)!r}"))
+            say(f"  {PROMPT.format(letters)!r}: before {old!r}, after {new!r}, expected "
+                f"{answer(letters)!r}")
 
         trainer.save_model(str(staging / "model"))
         tokenizer.save_pretrained(str(staging / "model"))
         plot_loss(trainer.state.log_history, staging / "loss.png")
         (staging / "log_history.json").write_text(
             json.dumps(trainer.state.log_history, indent=1))
-        write_mask_view(data.train, template, tokenizer, staging)
+        write_mask_view(data.train, template, tokenizer, trainer.collator, staging)
         seconds = time.perf_counter() - started
         (staging / RESULTS_FILE).write_text(json.dumps(
             {"kind": RESULTS_KIND, "exact_match_before": before_accuracy,
@@ -390,9 +393,9 @@ def run_demo(output_dir: str | Path = "demo-output", *, max_steps: int = 600,
              "samples": [{"prompt": PROMPT.format(s), "expected": answer(s), "before": b,
                           "after": a} for s, b, a in samples[:20]]},
             indent=2))
-    console.print(f"wrote {out / 'model'}, {out / 'loss.png'}, {out / 'masks.html'} and "
+    say(f"wrote {out / 'model'}, {out / 'loss.png'}, {out / 'masks.html'} and "
                   f"{out / RESULTS_FILE}")
-    console.print(f"demo finished in {seconds:.0f} s")
+    say(f"demo finished in {seconds:.0f} s")
     return DemoResult(before_accuracy, after_accuracy, seconds, out, steps, max_steps)
 
 

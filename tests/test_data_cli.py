@@ -88,3 +88,37 @@ def test_check_data_counts_examples_holding_special_token_text(tmp_path):
     as_json = CliRunner().invoke(main, ["check-data", str(path), "--template", "llama-3.1",
                                         "--json"])
     assert json.loads(as_json.output)["special_token_text"] == {"train": 1}
+
+
+def test_with_a_tokenizer_labelling_skips_join_the_summary(data_file: Path,
+                                                            tmp_path: Path) -> None:
+    """check-data --tokenizer labels every example with the collator training would use (the
+    same function), so an example longer than --max_length is counted before any training."""
+    from transformers import AutoTokenizer
+
+    from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+    from sft_plugins.testing import plugin_manager
+
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    plugin_manager("sft_plugins_templates").templates.get("llama-3.1").configure_tokenizer(
+        tokenizer)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    long = {"messages": [{"role": "user", "content": "Q " * 300},
+                         {"role": "assistant", "content": "A"}]}
+    path = tmp_path / "lengths.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [GOOD, long, GOOD]))
+    args = ["check-data", str(path), "--tokenizer", str(tmp_path / "tok"), "--json",
+            "--on_bad_example", "skip", "--output_dir", str(tmp_path / "out")]
+    kept = CliRunner().invoke(main, args)
+    assert kept.exit_code == 0, kept.output
+    assert json.loads(kept.stdout)["splits"][0]["preparation"]["kept"] == 3
+    dropped = CliRunner().invoke(main, [*args, "--max_length", "64", "-c", "truncation=drop"])
+    assert dropped.exit_code == 1, dropped.output
+    split = json.loads(dropped.stdout)["splits"][0]
+    assert split["preparation"]["skipped"] == {"too_long": 1}
+    assert split["kept"] == 3 and split["skipped_total"] == 1
+    assert f"{path}:2" in split["preparation"]["first_skips"][0]
+    written = json.loads((tmp_path / "out" / "data_summary.json").read_text())
+    assert written["splits"][0]["preparation"]["skipped"] == {"too_long": 1}
+    usage = CliRunner().invoke(main, ["check-data", str(path), "--collator", "last-turn"])
+    assert usage.exit_code == 2 and "--tokenizer" in usage.output

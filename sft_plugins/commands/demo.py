@@ -35,8 +35,12 @@ def demo_command(output_dir: str, max_steps: int, per_device_train_batch_size: i
     # bitsandbytes (imported through peft) warns on import, on some CPUs, that it cannot fetch
     # a 4-bit kernel from a hub; the demo quantizes nothing
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from tqdm.auto import tqdm
+
     from sft_plugins.demo import run_demo
 
+    # tqdm.write keeps the lines above the Trainer's progress bar on a terminal
     run_demo(output_dir, max_steps=max_steps, batch_size=per_device_train_batch_size,
              learning_rate=learning_rate, seed=seed, eval_steps=eval_steps,
-             stop_at=None if no_early_stopping else stop_at_exact_match, started=started)
+             stop_at=None if no_early_stopping else stop_at_exact_match, say=tqdm.write,
+             started=started)
