@@ -30,7 +30,6 @@ Everything else is ``transformers.Trainer`` as documented there.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -62,10 +61,12 @@ from sft_plugins.checkpoints import (
     mark_complete,
     resolve_checkpoint,
 )
+from sft_plugins.data import DataSummary
 from sft_plugins.errors import DataError, LaunchError, ModelLoadError
-from sft_plugins.files import write_text_atomically
 from sft_plugins.loss import (
     FAST_PATH_MODEL_TYPES,
+    IGNORE_INDEX,
+    WEIGHTS_KEY,
     TokenLoss,
     capture_last_hidden_state,
     loss_from_hidden_states,
@@ -74,14 +75,10 @@ from sft_plugins.loss import (
     softcap_of,
 )
 from sft_plugins.manager import PluginManager, get_plugin_manager
-from sft_plugins.masking import IGNORE_INDEX, MaskingCollator, PreparationReport
+from sft_plugins.masking import MaskingCollator, PreparationReport
 from sft_plugins.perturb import Perturber
 from sft_plugins.preemption import SaveOnSigterm
 from sft_plugins.templates import ChatTemplate
-
-WEIGHTS_KEY = "loss_weights"
-PREPARATION_FILE = "preparation.json"
-"""Written to the output directory: what preparation kept, skipped and why, per split."""
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +107,7 @@ class SFTPluginTrainer(Trainer):
 
     ``packing=True`` packs the prepared training examples into rows of ``packing_max_length``
     tokens (default: the collator's ``max_length``) whose ``position_ids`` restart at each
-    example, so attention and loss never cross examples (:mod:`sft_plugins.packing`); a model
+    example, so attention and loss never cross examples (:mod:`sft_plugins.batching`); a model
     on ``sdpa`` is switched to ``sdpa_packed``, which attends one example at a time
     (:mod:`sft_plugins.attention`).
 
@@ -147,6 +144,7 @@ class SFTPluginTrainer(Trainer):
         packing: bool = False,
         packing_max_length: int | None = None,
         resume_incomplete: bool = False,
+        data_summary: DataSummary | None = None,
         **kwargs: Any,
     ) -> None:
         self._check_launch(args)
@@ -160,6 +158,11 @@ class SFTPluginTrainer(Trainer):
         self.full_logits = full_logits
         """Always use the model's full logits (to compare against, or to debug)."""
         self.dataset_num_proc = dataset_num_proc
+        self.packing = packing
+        """Training rows are packed examples (:mod:`sft_plugins.batching`)."""
+        self.data_summary = data_summary
+        """What loading the data kept and skipped (``load_sft_dataset``'s summary); :meth:`train`
+        adds what preparation kept and writes both to ``data_summary.json``."""
         self._resolve_plugins(model, processing_class, train_dataset, template=template,
                               template_options=template_options, collator=collator,
                               collator_options=collator_options, perturber=perturber,
@@ -229,8 +232,8 @@ class SFTPluginTrainer(Trainer):
         """Set :attr:`chat_template` (configuring the tokenizer and the model's generation
         config with it), :attr:`collator` (by default :func:`default_collator_name` of the
         training set) and :attr:`perturber`."""
-        self.chat_template = self._resolve_template(template, template_options,
-                                                    processing_class)
+        self.chat_template = self.plugin_manager.resolve_template(template, processing_class,
+                                                                  template_options)
         if self.chat_template is not None and processing_class is not None:
             self.chat_template.configure_tokenizer(processing_class)
             if model is not None:
@@ -260,13 +263,6 @@ class SFTPluginTrainer(Trainer):
                             "already built; pass its name instead, or build it with them")
         return item
 
-    def _resolve_template(self, template: str | ChatTemplate | None,
-                          options: Mapping[str, Any] | None,
-                          tokenizer: Any) -> ChatTemplate | None:
-        resolved = (template if isinstance(template, ChatTemplate)
-                    else self.plugin_manager.resolve_template(template, tokenizer))
-        return with_variables(resolved, options) if options and resolved else resolved
-
     # ---- extension points -------------------------------------------------------------------
 
     def prepare_dataset(self, dataset: Dataset, split: str) -> Dataset:
@@ -288,7 +284,7 @@ class SFTPluginTrainer(Trainer):
         rows with ``input_ids`` and a 0/1 ``assistant_masks`` or ``completion_mask`` (TRL's
         pre-tokenized columns) get ``labels`` from it; ``input_ids`` alone is refused. Other
         rows go through the collator's ``prepare``, whose report is kept in
-        :attr:`preparation` and written to ``preparation.json`` by :meth:`train`.
+        :attr:`preparation` and written to ``data_summary.json`` by :meth:`train`.
         """
         if "input_ids" in dataset.column_names:
             return labels_from_token_masks(dataset, split)
@@ -315,7 +311,7 @@ class SFTPluginTrainer(Trainer):
         with self.args.main_process_first(desc="sft-plugins: preparing the data sets"):
             if train_dataset is not None:
                 train_dataset = self._prepare_for(self.model, train_dataset, "train")
-                if packing:  # best-fit rows, see sft_plugins.packing
+                if packing:  # best-fit rows, see sft_plugins.batching
                     train_dataset = pack_prepared(train_dataset,
                                                   packing_max_length or self.collator.max_length)
             eval_dataset = self._prepare_later(eval_dataset, "eval")
@@ -398,12 +394,8 @@ class SFTPluginTrainer(Trainer):
                                if self.args.max_steps > 0 else
                                f"{self.args.num_train_epochs} epochs")
                 return finished
-        if self.preparation and self.args.should_save:
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            write_text_atomically(
-                os.path.join(self.args.output_dir, PREPARATION_FILE),
-                json.dumps({split: vars(report) for split, report in self.preparation.items()},
-                           indent=2))
+        if (self.preparation or self.data_summary) and self.args.should_save:
+            self._write_data_summary()
         self.sigterm.install()
         try:
             return super().train(checkpoint, *args, **kwargs)
@@ -411,6 +403,13 @@ class SFTPluginTrainer(Trainer):
             self.sigterm.remove()
             if self._perturber_callback is not None:
                 self._perturber_callback.remove()
+
+    def _write_data_summary(self) -> None:
+        """One ``data_summary.json``: the data loader's skips and preparation's, per split."""
+        summary = self.data_summary or DataSummary(on_bad_example=self.collator.on_bad_example)
+        for split, report in self.preparation.items():
+            summary.add_preparation(split, report)
+        summary.write_json(self.args.output_dir)
 
     def _on_any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any process of the run."""
@@ -611,23 +610,14 @@ def labels_from_token_masks(dataset: Dataset, split: str) -> Dataset:
     return dataset.map(label, remove_columns=[mask], desc=f"{split}: labels from {mask}")
 
 
-def with_variables(template: ChatTemplate, options: Mapping[str, Any]) -> ChatTemplate:
-    """``template`` rendering with ``options`` as default template variables (for example
-    ``omit_knowledge_date=True`` or ``date_string`` for Llama 3.1); a name the template never
-    reads is a :class:`~sft_plugins.errors.TemplateError`."""
-    template.check_variables(options)
-    return template.with_options(variables={**template.variables, **options})
-
-
 def trained_token_summary(dataset: Dataset) -> str:
     """Tokens, trained tokens and trained fraction of a prepared data set, read from Arrow."""
     labels = pc.list_flatten(visible_rows(dataset).column("labels"))
     total = len(labels)
-    trained = total - pc.sum(pc.equal(labels, -100)).as_py() if total else 0
+    trained = total - pc.sum(pc.equal(labels, IGNORE_INDEX)).as_py() if total else 0
     fraction = trained / total if total else 0.0
     return f"{total} tokens, {trained} trained ({fraction:.1%})"
 
 
-__all__ = ["DEFAULT_COLLATOR_SAMPLE", "PREPARATION_FILE", "SFTPluginTrainer",
-           "default_collator_name", "labels_from_token_masks", "trained_token_summary",
-           "with_variables"]
+__all__ = ["DEFAULT_COLLATOR_SAMPLE", "SFTPluginTrainer",
+           "default_collator_name", "labels_from_token_masks", "trained_token_summary"]

@@ -96,7 +96,8 @@ def test_demo_learns_to_its_target_and_writes_model_curve_and_masks(tmp_path):
     assert 'class="tok loss"' in (out / "masks.html").read_text()
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     assert tokenizer.pad_token == "<|finetune_right_pad_id|>"
-    assert json.loads((out / "preparation.json").read_text())["train"]["kept"] == 600 * 32
+    summary = json.loads((out / "data_summary.json").read_text())
+    assert summary["splits"][0]["preparation"]["kept"] == 600 * 32
     generation = json.loads((out / "model" / "generation_config.json").read_text())
     stops = tokenizer.convert_tokens_to_ids(["<|eot_id|>", "<|eom_id|>"])
     assert set(stops) <= set(generation["eos_token_id"])

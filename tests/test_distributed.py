@@ -169,7 +169,7 @@ def test_sigterm_to_one_rank_saves_on_both_and_the_run_resumes(chat_model_dir, c
     process = subprocess.Popen(launch(part, "29542"), cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
-    while not (part / "preparation.json").exists():
+    while not (part / "data_summary.json").exists():
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     time.sleep(0.5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from datasets import Dataset
@@ -60,7 +62,8 @@ def test_trainer_prepares_conversations_and_reports(tmp_path):
     assert trainer.preparation["train"].kept == 4
     assert tokenizer.pad_token == "<|finetune_right_pad_id|>"
     trainer.train()
-    assert (tmp_path / "preparation.json").exists()
+    summary = json.loads((tmp_path / "data_summary.json").read_text())
+    assert summary["splits"][0]["preparation"]["kept"] == 4
     embeddings = model.get_input_embeddings()
     assert not embeddings._forward_hooks, "the perturber's hook outlives training"
 

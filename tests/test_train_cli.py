@@ -42,8 +42,8 @@ def test_trains_saves_model_tokenizer_and_report(chat_model_dir, chat_data_file,
     saved = AutoTokenizer.from_pretrained(out)
     assert "<|start_header_id|>" in saved.chat_template
     assert saved.pad_token == "<|finetune_right_pad_id|>"
-    report = json.loads((out / "preparation.json").read_text())
-    assert report["train"]["kept"] == 8
+    summary = json.loads((out / "data_summary.json").read_text())
+    assert summary["splits"][0]["preparation"]["kept"] == 8
     assert len(losses(out)) == 4
     assert "completion-only" in result.output and "neftune" in result.output
 
@@ -165,8 +165,8 @@ def test_one_bad_line_among_ten_thousand(chat_model_dir, tmp_path):
     skipped = invoke(base_args(chat_model_dir, data, out, "--max_steps", "1",
                                "--on_bad_example", "skip"))
     assert skipped.exit_code == 0, skipped.output[-2000:]
-    assert json.loads((out / "preparation.json").read_text())["train"]["kept"] == 10_000
     summary = json.loads((out / "data_summary.json").read_text())
+    assert summary["splits"][0]["preparation"]["kept"] == 10_000
     assert json.dumps(summary).count("5001") >= 1
     assert (out / "model.safetensors").exists()
 
@@ -332,7 +332,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
-    while not (part / "preparation.json").exists():
+    while not (part / "data_summary.json").exists():
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
     time.sleep(0.3)
@@ -409,7 +409,7 @@ def test_a_run_that_fails_before_training_leaves_an_earlier_run_as_it_was(
                 for p in out.iterdir() if p.is_file()}
 
     before = files()
-    assert {"data_summary.json", "preparation.json", "model.safetensors"} <= set(before)
+    assert {"data_summary.json", "model.safetensors"} <= set(before)
     import shutil
 
     broken = tmp_path / "broken-model"  # its weights fail to load, after the data is read

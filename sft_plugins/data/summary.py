@@ -1,10 +1,17 @@
-"""What preparation did with each split: examples read, kept, and skipped for which reason."""
+"""What was kept and skipped of each split, and why: the one summary of bad examples.
+
+Reading and validating the data (:mod:`sft_plugins.data.prepare`) fills a :class:`SplitSummary`
+per split; the trainer adds what labelling skipped (too long, nothing left to train...) with
+:meth:`DataSummary.add_preparation`. Both go to one file, ``data_summary.json``, in the output
+directory.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sft_plugins.bad_examples import QUOTED
 from sft_plugins.data.schema import Kind
@@ -26,10 +33,15 @@ class SplitSummary:
     skipped: dict[str, int] = field(default_factory=dict)
     samples: list[str] = field(default_factory=list)
     """Full messages (location, field, problem, expectation) of the first skipped examples."""
+    preparation: dict[str, Any] | None = None
+    """What labelling kept of the examples read (``total``, ``kept``, ``skipped`` by reason,
+    ``first_skips``), once the trainer has prepared the split."""
 
     @property
     def skipped_total(self) -> int:
-        return sum(self.skipped.values())
+        """Examples skipped by the data rules and, once prepared, by labelling."""
+        labelling = self.preparation["skipped"].values() if self.preparation else ()
+        return sum(self.skipped.values()) + sum(labelling)
 
     def add_skipped(self, counts: dict[str, int], samples: list[str]) -> None:
         for reason, count in counts.items():
@@ -47,6 +59,18 @@ class DataSummary:
     @property
     def skipped_total(self) -> int:
         return sum(s.skipped_total for s in self.splits)
+
+    def add_preparation(self, split: str, report: Any, kind: Kind = "conversation") -> None:
+        """Record what labelling kept of ``split`` (a ``PreparationReport``); a split the data
+        loader did not read (a data set passed to the trainer as is) gets its own entry."""
+        record = next((s for s in self.splits if s.split == split), None)
+        if record is None:
+            record = SplitSummary(split=split, sources=["given to the trainer"], format="rows",
+                                  kind=kind, examples=report.total, kept=report.total)
+            self.splits.append(record)
+        record.preparation = {"total": report.total, "kept": report.kept,
+                              "skipped": dict(report.skipped),
+                              "first_skips": list(report.first_skips)}
 
     def to_dict(self) -> dict[str, object]:
         return {"on_bad_example": self.on_bad_example,
@@ -69,4 +93,9 @@ class DataSummary:
             for reason, count in sorted(s.skipped.items(), key=lambda item: -item[1]):
                 lines.append(f"  skipped {count}: {reason}")
             lines.extend(f"    {sample}" for sample in s.samples[:5])
+            if s.preparation is not None:
+                kept, total = s.preparation["kept"], s.preparation["total"]
+                lines.append(f"  labelling kept {kept} of {total}")
+                for reason, count in sorted(s.preparation["skipped"].items()):
+                    lines.append(f"  skipped {count}: {reason}")
         return "\n".join(lines)
