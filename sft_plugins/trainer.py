@@ -463,11 +463,19 @@ class SFTPluginTrainer(Trainer):
     def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
         """``Trainer.evaluate``; a data set passed here is prepared as the one given at
         construction was (conversations are tokenized and masked, prepared rows kept)."""
-        return super().evaluate(self._prepare_later(eval_dataset, "eval"), *args, **kwargs)
+        return super().evaluate(self._prepare_passed(eval_dataset, "eval"), *args, **kwargs)
 
     def predict(self, test_dataset: Any, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.predict``, preparing ``test_dataset`` first, as :meth:`evaluate` does."""
-        return super().predict(self._prepare_later(test_dataset, "test"), *args, **kwargs)
+        return super().predict(self._prepare_passed(test_dataset, "test"), *args, **kwargs)
+
+    def _prepare_passed(self, dataset: Any, split: str) -> Any:
+        """A data set passed to :meth:`evaluate`/:meth:`predict`, prepared on the main process
+        first like those given at construction (``None``, the sets given then, passes as is)."""
+        if dataset is None:
+            return None
+        with self.args.main_process_first(desc=f"sft-plugins: preparing {split}"):
+            return self._prepare_later(dataset, split)
 
     def _prepare_later(self, dataset: Any, split: str) -> Any:
         if isinstance(dataset, Dataset):

@@ -146,6 +146,9 @@ def test_data_sets_are_prepared_and_packed_inside_main_process_first(tmp_path, m
     assert not entered
     assert "position_ids" in trainer.train_dataset.column_names
     assert trainer.train().global_step == 1
+    seen.clear()
+    trainer.evaluate(Dataset.from_list(PROMPT_COMPLETION))  # a set passed later: the same
+    assert seen == [("eval", ["sft-plugins: preparing eval"])]
 
 
 @pytest.mark.parametrize(("rows", "name"), [
