@@ -46,6 +46,8 @@ def test_day_one_llama_3_1_is_reported_and_fixed(tmp_path: Path) -> None:
     assert report["family"] == "llama-3.1" and "day-one" in report["version"]
     assert {"known-bug", "ignores-add-generation-prompt", "no-generation-markers",
             "double-bos", "no-pad-token"} <= codes(report)
+    advice = next(f["advice"] for f in report["findings"] if f["code"] == "known-bug")
+    assert "respects add_generation_prompt" in advice  # what the fixed template fixes
 
     fixed = tmp_path / "fixed"
     status, report = doctor(str(day_one), "--fix", str(fixed))

@@ -140,10 +140,12 @@ def check_template(report: Report, tokenizer: Any, manager: PluginManager,
         version = family.recognise(text)
         if version is not None:
             report.version = version.label
+            fixed = f" (it {'; '.join(family.fixes)})" if family.fixes else ""
             for bug in version.bugs:
                 report.findings.append(Finding(
                     "known-bug", f"{version.label}: {bug}",
-                    f"run doctor --fix OUT to install sft-plugins' {family.name} template"))
+                    f"run doctor --fix OUT to install sft-plugins' {family.name} template"
+                    f"{fixed}"))
             return family
     closest = _closest([family] if family else [e.item for e in manager.templates], tokenizer)
     if closest is not None and (family is not None or closest[1] >= 0.5):
