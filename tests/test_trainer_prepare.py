@@ -9,12 +9,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from test_integration import tiny_model_and_tokenizer
+from transformers import TrainingArguments
 
 import sft_plugins.trainer as trainer_module
-from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 from sft_plugins.trainer import SFTPluginTrainer
 
 PROMPT_COMPLETION = [
@@ -27,15 +26,6 @@ STRING_PROMPT_COMPLETION = [{"prompt": "Sort the letters: c a b\n", "completion"
                             {"prompt": "Sort the letters: q p r\n", "completion": "p q r"}]
 MESSAGES = [{"messages": [*row["prompt"], *row["completion"]]} for row in PROMPT_COMPLETION]
 TEXT = [{"text": "The sorted letters are a b c."}, {"text": "The sorted letters are p q r."}]
-
-
-def tiny_model_and_tokenizer() -> tuple[Any, LlamaForCausalLM]:
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
-    return tokenizer, model
 
 
 def arguments(tmp_path: Any, **overrides: Any) -> TrainingArguments:
