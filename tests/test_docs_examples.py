@@ -25,7 +25,8 @@ def guide_plugins() -> types.ModuleType:
     assert len(defining) == 3
     for block in defining:
         exec(compile(block, str(GUIDE), "exec"), module.__dict__)
-    exec(compile(blocks[-1], str(GUIDE), "exec"), module.__dict__)  # select_chat_template
+    selecting = next(b for b in blocks if "def select_chat_template" in b)
+    exec(compile(selecting, str(GUIDE), "exec"), module.__dict__)
     return module
 
 
