@@ -21,7 +21,7 @@ a JSON Lines file; ``None`` for other formats).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 from datasets import Features, List, Value
@@ -63,25 +63,31 @@ def features_for(kind: Kind) -> Features:
     return Features({**base, **WORKING})
 
 
-def messages_from_row(row: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The messages of a prepared conversation row, as a chat template expects them.
+def decode_json(value: Any) -> Any:
+    """A field stored as JSON text (``tools``, a message's ``tool_calls``) as Python objects;
+    anything else (already objects, or ``None``) as it is."""
+    return json.loads(value) if isinstance(value, str) else value
 
-    Absent optional fields are left out (not set to ``None``) and ``tool_calls`` is decoded,
-    so the result renders exactly like the messages in the source file.
-    """
-    messages = []
-    for stored in row["messages"]:
-        message: dict[str, Any] = {"role": stored["role"], "content": stored["content"]}
-        if stored.get("tool_calls") is not None:
-            message["tool_calls"] = json.loads(stored["tool_calls"])
-        for field in ("tool_call_id", "name"):
-            if stored.get(field) is not None:
-                message[field] = stored[field]
-        messages.append(message)
-    return messages
+
+def decode_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as a chat template expects them: without the ``None`` fields Arrow adds to unify
+    a column's schema (absent fields stay absent) and with ``tool_calls`` decoded. Fields other
+    than the canonical ones (``reasoning_content`` of a row given as is) are kept."""
+    decoded = []
+    for stored in messages:
+        message = {k: v for k, v in stored.items() if v is not None}
+        if "tool_calls" in message:
+            message["tool_calls"] = decode_json(message["tool_calls"])
+        decoded.append(message)
+    return decoded
+
+
+def messages_from_row(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The messages of a prepared conversation row, as a chat template expects them, so the
+    result renders exactly like the messages in the source file."""
+    return decode_messages(row["messages"])
 
 
 def tools_from_row(row: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     """The tool definitions of a prepared conversation row, or ``None`` if it offers none."""
-    tools = row.get("tools")
-    return None if tools is None else json.loads(tools)
+    return decode_json(row.get("tools"))

@@ -7,11 +7,11 @@ answers with weighted character spans (:class:`Weighting`); nothing here knows a
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sft_plugins.data.schema import decode_json, decode_messages
 from sft_plugins.errors import DataError, MaskingError
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def render_example(example: Mapping[str, Any], template: ChatTemplate | None,
     and that end-of-sequence text. Templated text is tokenized without the tokenizer's special
     tokens (the template writes its own), plain text with them.
     """
-    tools = _decoded(example.get("tools")) or None
+    tools = decode_json(example.get("tools")) or None
     if example.get("messages") is not None:
         return _render_conversation(example, template, tools)
     if example.get("prompt") is not None or example.get("completion") is not None:
@@ -98,28 +98,11 @@ def render_example(example: Mapping[str, Any], template: ChatTemplate | None,
     raise DataError(f"no 'messages', 'prompt'/'completion' or 'text' field (columns: {columns})")
 
 
-def _decoded(value: Any) -> Any:
-    """A JSON-text field (``tools``, ``tool_calls`` of canonical rows) as Python objects."""
-    return json.loads(value) if isinstance(value, str) else value
-
-
-def _clean_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Messages as plain dicts, without the ``None`` fields Arrow adds to unify schemas and
-    with ``tool_calls`` stored as JSON text decoded."""
-    cleaned = []
-    for message in messages:
-        plain = {k: v for k, v in message.items() if v is not None}
-        if "tool_calls" in plain:
-            plain["tool_calls"] = _decoded(plain["tool_calls"])
-        cleaned.append(plain)
-    return cleaned
-
-
 def _render_conversation(example: Mapping[str, Any], template: ChatTemplate | None,
                          tools: Any) -> RenderedExample:
     """``messages``, split at ``completion_index`` when the row has one."""
     first = example.get("completion_index")
-    messages = _clean_messages(example["messages"])
+    messages = decode_messages(example["messages"])
     if first is None:
         return _render_messages([], messages, template, tools, completion=False)
     return _render_messages(messages[:first], messages[first:], template, tools)
@@ -131,7 +114,7 @@ def _render_prompt_completion(example: Mapping[str, Any], template: ChatTemplate
     if isinstance(prompt, str) and isinstance(completion, str):
         return _plain_completion(prompt, prompt + completion, eos_text)
     if isinstance(prompt, list) and isinstance(completion, list):
-        return _render_messages(_clean_messages(prompt), _clean_messages(completion),
+        return _render_messages(decode_messages(prompt), decode_messages(completion),
                                 template, tools)
     raise DataError("'prompt' and 'completion' must both be strings or both be message lists, "
                     f"got {type(prompt).__name__} and {type(completion).__name__}")
