@@ -26,6 +26,7 @@ from datasets.fingerprint import Hasher
 
 from sft_plugins._version import __version__
 from sft_plugins.bad_examples import QUOTED, OnBadExample, count_skips, describe_location
+from sft_plugins.cache_files import cached_step
 from sft_plugins.data.formats import (
     CANONICALISERS,
     FORMAT_COLUMNS,
@@ -224,11 +225,12 @@ def _prepare_piece(piece: Piece, format_name: str, kind: Kind, options: _Options
                                sorted(options.column_map.items()),
                                _template_fingerprint(options.template), __version__])
     with tokenizers_parallelism_kept():
-        dataset = piece.dataset.map(
+        dataset = cached_step(lambda load: piece.dataset.map(
             function, batched=True, with_indices=True, features=features_for(kind),
             remove_columns=piece.dataset.column_names,
             num_proc=num_proc if num_proc > 1 else None,  # 1 would still start a worker pool
-            new_fingerprint=fingerprint, desc=f"Preparing {os.path.basename(piece.name)}")
+            new_fingerprint=fingerprint, load_from_cache_file=load,
+            desc=f"Preparing {os.path.basename(piece.name)}"), None, piece.name)
     record.examples += len(dataset)
     dataset = _drop_bad(dataset, piece.name, options.on_bad_example, record)
     record.kept += len(dataset)

@@ -24,6 +24,7 @@ import glob
 import gzip
 import io
 import json
+import logging
 import os
 import re
 import zlib
@@ -38,7 +39,10 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict, Features, IterableDataset, Value, load_dataset
 from datasets.fingerprint import Hasher
 
+from sft_plugins.cache_files import is_whole
 from sft_plugins.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 RAW = "raw"
 """The column of raw JSON bytes in a piece read from JSON Lines or a JSON array."""
@@ -357,7 +361,11 @@ def _raw_dataset(path: Path, chunks: Iterator[tuple[list[bytes], list[int | None
     directory = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "sft_plugins_raw"
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{path.stem[:40]}-{key}.arrow"
-    if not target.exists():
+    whole = is_whole(target)
+    if target.exists() and not whole:
+        logger.warning("%s: its cached copy %s is incomplete or damaged; reading it again",
+                       path, target)
+    if not whole:
         partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         try:
             with pa.OSFile(str(partial), "wb") as sink, \

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+from datasets.fingerprint import Hasher
 
+from sft_plugins._version import __version__
 from sft_plugins.bad_examples import count_skips, location_of
+from sft_plugins.cache_files import cached_step
 from sft_plugins.errors import MaskingError, SkipExample
 from sft_plugins.loss import WEIGHTS_KEY
 from sft_plugins.masking.labeller import Labelled, label_examples
@@ -86,13 +89,18 @@ def prepare_dataset(collator: MaskingCollator, dataset: datasets.Dataset, tokeni
                     load_from_cache_file: bool | None, desc: str | None) -> PreparedDataset:
     """:meth:`MaskingCollator.prepare`: bind, label every batch, count and drop the skips."""
     collator.bind(tokenizer, template)
+    fn_kwargs = {"collator": collator, "tokenizer": tokenizer, "template": template}
+    # the cache key: the rows, the labelling code (by version), the collator with its options,
+    # the tokenizer and the template with its variables
+    fingerprint = Hasher.hash([dataset._fingerprint, label_batch, fn_kwargs, batch_size,
+                               __version__])
     with tokenizers_parallelism_kept():
-        mapped = dataset.map(
+        mapped = cached_step(lambda load: dataset.map(
             label_batch, batched=True, batch_size=batch_size, with_indices=True,
-            num_proc=num_proc, remove_columns=dataset.column_names,
-            load_from_cache_file=load_from_cache_file, desc=desc,
-            fn_kwargs={"collator": collator, "tokenizer": tokenizer, "template": template})
-        return _drop_skipped(mapped, num_proc)
+            num_proc=num_proc, remove_columns=dataset.column_names, load_from_cache_file=load,
+            desc=desc, fn_kwargs=fn_kwargs, new_fingerprint=fingerprint),
+            load_from_cache_file, "labelling")
+        return _drop_skipped(mapped, num_proc, load_from_cache_file)
 
 
 def label_batch(batch: Mapping[str, list[Any]], indices: Sequence[int], *,
@@ -146,7 +154,8 @@ def _settle(collator: MaskingCollator, skip: SkipExample, where: str) -> None:
                "on_bad_example='skip'") from (cause or skip)
 
 
-def _drop_skipped(mapped: datasets.Dataset, num_proc: int | None) -> PreparedDataset:
+def _drop_skipped(mapped: datasets.Dataset, num_proc: int | None,
+                  load_from_cache_file: bool | None) -> PreparedDataset:
     """Count the marked rows in Arrow (a million kept rows never become a million Python
     strings), quote the first, drop them and the marks."""
     bad = count_skips(mapped.data.column(SKIP_COLUMN))
@@ -155,12 +164,18 @@ def _drop_skipped(mapped: datasets.Dataset, num_proc: int | None) -> PreparedDat
     if bad.total:
         first_skips = mapped.data.column(DETAIL_COLUMN).take(
             bad.positions[:QUOTED_SKIPS]).to_pylist()
-        mapped = mapped.filter(lambda reasons: [r is None for r in reasons],
-                               input_columns=SKIP_COLUMN, batched=True, num_proc=num_proc)
+        marked = mapped
+        mapped = cached_step(lambda load: marked.filter(
+            _kept, input_columns=SKIP_COLUMN, batched=True, num_proc=num_proc,
+            load_from_cache_file=load), load_from_cache_file, "dropping skipped examples")
     mapped = mapped.remove_columns([SKIP_COLUMN, DETAIL_COLUMN])
     report = PreparationReport(total=total, kept=len(mapped), skipped=bad.counts,
                                first_skips=first_skips)
     return PreparedDataset(mapped, report)
+
+
+def _kept(reasons: list[str | None]) -> list[bool]:
+    return [reason is None for reason in reasons]
 
 
 __all__ = ["PreparationReport", "PreparedDataset", "label_batch", "prepare_dataset"]
