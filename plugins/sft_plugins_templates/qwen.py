@@ -42,6 +42,7 @@ QWEN3 = ChatTemplate(
         "Qwen3, official template"),),
     fixes=("marks each assistant turn (thinking, content, tool calls, <|im_end|>) with "
            "{% generation %}",),
+    reasoning=True,
     **_COMMON,
 )
 

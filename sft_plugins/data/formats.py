@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sft_plugins.data.schema import Kind
+from sft_plugins.data.schema import REASONING_KEYS, Kind
 from sft_plugins.errors import DataError, SkipExample
 
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
@@ -185,6 +185,7 @@ def _message(value: Any, field: str, *, role_key: str = "role", content_key: str
         "role": role,
         "content": _string(content, f"{field}.{content_key}"),
         "tool_calls": tool_calls,
+        "reasoning_content": _reasoning(value, field),
         "tool_call_id": None,
         "name": None,
     }
@@ -193,6 +194,13 @@ def _message(value: Any, field: str, *, role_key: str = "role", content_key: str
             message[optional] = _string(value[optional], f"{field}.{optional}",
                                         reason="bad_field_type")
     return message
+
+
+def _reasoning(value: Mapping[str, Any], field: str) -> str | None:
+    key = next((k for k in REASONING_KEYS if value.get(k) is not None), None)
+    if key is None:
+        return None
+    return _string(value[key], f"{field}.{key}", reason="bad_field_type")
 
 
 def _message_list(value: Any, field: str, **message_options: Any) -> list[dict[str, str | None]]:
@@ -212,8 +220,8 @@ def _plain_message(value: Any) -> dict[str, str | None] | None:
     if type(value) is dict and len(value) == 2:
         role, content = value.get("role"), value.get("content")
         if type(role) is str and type(content) is str:
-            return {"role": role, "content": content, "tool_calls": None, "tool_call_id": None,
-                    "name": None}
+            return {"role": role, "content": content, "reasoning_content": None,
+                    "tool_calls": None, "tool_call_id": None, "name": None}
     return None
 
 
@@ -258,8 +266,8 @@ def _alpaca(example: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _plain(role: str, content: str) -> dict[str, str | None]:
-    return {"role": role, "content": content, "tool_calls": None, "tool_call_id": None,
-            "name": None}
+    return {"role": role, "content": content, "reasoning_content": None, "tool_calls": None,
+            "tool_call_id": None, "name": None}
 
 
 def _prompt_completion(example: Mapping[str, Any]) -> dict[str, Any]:

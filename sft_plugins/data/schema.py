@@ -28,8 +28,19 @@ from datasets import Features, List, Value
 
 Kind = Literal["conversation", "text"]
 
-MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name")
-"""Keys a canonical message may carry; ``tool_calls`` is JSON text."""
+MESSAGE_FIELDS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name")
+"""Keys a canonical message may carry; ``tool_calls`` is JSON text. ``reasoning_content`` is an
+assistant turn's reasoning, read from ``reasoning_content``, ``thinking`` or ``reasoning``."""
+
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+"""Where data sets put an assistant turn's reasoning (OpenAI-style APIs, TRL, others), in the
+order they are looked for; the canonical field is ``reasoning_content``."""
+
+
+def reasoning_of(message: Mapping[str, Any]) -> str | None:
+    """A message's reasoning, from the first of :data:`REASONING_KEYS` it has."""
+    return next((message[k] for k in REASONING_KEYS if message.get(k) is not None), None)
+
 
 PROVENANCE = Features({
     "source_file": Value("string"),

@@ -34,7 +34,7 @@ from sft_plugins.masking.alignment import (
     encode_slow,
     token_ranges_fast,
 )
-from sft_plugins.masking.labels import check_spans, label_tokens
+from sft_plugins.masking.labels import check_reasoning_trained, check_spans, label_tokens
 from sft_plugins.masking.rendering import RenderedExample, Weighting, render_example
 
 if TYPE_CHECKING:
@@ -121,6 +121,7 @@ def _weigh(collator: MaskingCollator, row: Mapping[str, Any],
             rendered, literal = replace(rendered, text=text), tuple(places)
         weighting = collator.weigh(rendered)
         check_spans(weighting.spans, len(rendered.text))
+        check_reasoning_trained(rendered, weighting)
     except SkipExample as skip:
         return skip
     except SFTPluginsError as error:  # DataError, TemplateError, MaskingError...

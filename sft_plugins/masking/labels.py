@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from sft_plugins.errors import MaskingError, SkipExample
 from sft_plugins.loss import IGNORE_INDEX
-from sft_plugins.masking.rendering import WeightedSpan, Weighting
+from sft_plugins.masking.rendering import RenderedExample, WeightedSpan, Weighting
 
 if TYPE_CHECKING:
     from sft_plugins.masking.collator import MaskingCollator
@@ -108,4 +108,23 @@ def _check_trained_left(collator: MaskingCollator, trained: list[tuple[int, int]
                                         f"({collator.truncation})")
 
 
-__all__ = ["check_spans", "label_tokens", "token_weights"]
+def check_reasoning_trained(rendered: RenderedExample, weighting: Weighting) -> None:
+    """Refuse to train an assistant turn whose reasoning the template dropped: the model would
+    learn to answer without thinking in a context where, at inference, it always thinks first,
+    and the reasoning the data holds would never be trained."""
+    for turn in rendered.turns:
+        if not turn.reasoning_dropped or turn.trained is None:
+            continue
+        start, end = turn.trained
+        if weighting.background > 0 or any(s.weight > 0 and s.start < end and s.end > start
+                                           for s in weighting.spans):
+            raise SkipExample(
+                "reasoning_dropped",
+                f"message {turn.index} is trained, but the chat template renders it without its "
+                "reasoning (it keeps only the reasoning of the turns after the last user "
+                "message), so the model would learn to answer without thinking; train only the "
+                "last turn (collator last-turn), split the conversation after each answer, or "
+                "skip such examples")
+
+
+__all__ = ["check_reasoning_trained", "check_spans", "label_tokens", "token_weights"]

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sft_plugins.data.schema import decode_json, decode_messages
+from sft_plugins.data.schema import decode_json, decode_messages, reasoning_of
 from sft_plugins.errors import DataError, MaskingError
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ class Turn:
     """For assistant turns: the characters of the content and its end-of-turn token."""
     completion: bool = False
     """True for the messages of a prompt/completion example's completion."""
+    reasoning_dropped: bool = False
+    """An assistant turn that has reasoning the template left out of its trained span (a
+    Qwen3-style template keeps only the reasoning of turns after the last user message)."""
 
 
 @dataclass(frozen=True)
@@ -149,12 +152,21 @@ def _render_messages(prompt: list[dict[str, Any]], rest: list[dict[str, Any]],
                            "--chat_template or pass template= to prepare()")
     if completion and not any(m.get("content") or m.get("tool_calls") for m in rest):
         raise DataError("the completion has no message with content; nothing to train on")
-    rendered = template.render([*prompt, *rest], tools=tools)
+    messages = [*prompt, *rest]
+    rendered = template.render(messages, tools=tools)
     first = len(prompt)
-    turns = tuple(Turn(m.index, m.role, m.trained, completion and m.index >= first)
+    turns = tuple(Turn(m.index, m.role, m.trained, completion and m.index >= first,
+                       _reasoning_dropped(messages[m.index], rendered.text, m.trained))
                   for m in rendered.messages)
     return RenderedExample(text=rendered.text, turns=turns, has_completion=completion,
                            add_special_tokens=False)
+
+
+def _reasoning_dropped(message: Mapping[str, Any], text: str,
+                       trained: tuple[int, int] | None) -> bool:
+    reasoning = reasoning_of(message)
+    return bool(reasoning and reasoning.strip() and trained is not None
+                and reasoning.strip() not in text[trained[0]:trained[1]])
 
 
 __all__ = ["RenderedExample", "Turn", "WeightedSpan", "Weighting", "render_example"]

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import jinja2
 
+from sft_plugins.data.schema import REASONING_KEYS
 from sft_plugins.errors import ConversationError, TemplateError
 from sft_plugins.templates import _jinja
 from sft_plugins.templates._jinja import strip_message_markers
@@ -30,7 +31,6 @@ from sft_plugins.templates._jinja import strip_message_markers
 Check = Callable[[Sequence[Mapping[str, Any]], Any], None]
 """A family-specific rule: ``check(messages, tools)`` raises ``ConversationError`` or returns."""
 
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
 def tokenizer_template_text(tokenizer: Any) -> str | None:
@@ -95,7 +95,8 @@ class ChatTemplate:
 
     Validation rules: ``roles`` accepted; ``system`` is ``"first"`` (one system message, first),
     ``"anywhere"`` or ``"none"``; ``alternate`` demands user/assistant alternation starting with a
-    user turn; ``tools`` and ``tool_calls`` say whether the family can express them;
+    user turn; ``tools``, ``tool_calls`` and ``reasoning`` (an assistant turn's
+    ``reasoning_content``) say whether the family can express them;
     ``checks`` adds family-specific rules.
     """
 
@@ -118,6 +119,7 @@ class ChatTemplate:
     alternate: bool = False
     tools: bool = False
     tool_calls: bool = False
+    reasoning: bool = False
     checks: tuple[Check, ...] = ()
 
     def __hash__(self) -> int:
@@ -139,7 +141,7 @@ class ChatTemplate:
                    bos_token=getattr(tokenizer, "bos_token", None), eos_token=eos,
                    end_of_turn=eos, pad_token=getattr(tokenizer, "pad_token", None),
                    roles=("system", "user", "assistant", "tool", "ipython"),
-                   system="anywhere", tools=True, tool_calls=True)
+                   system="anywhere", tools=True, tool_calls=True, reasoning=True)
 
     @property
     def tokenizer_source(self) -> str:
@@ -198,6 +200,7 @@ class ChatTemplate:
                                  "templates with tools" if self.tool_calls
                                  else "this template cannot express tool calls")
             _check_tool_calls(self, index, calls)
+        self._validate_reasoning(index, message)
         content = message.get("content")
         if not isinstance(content, str) and not (calls is not None and content is None):
             raise self._fail(index, "content-not-string",
@@ -210,6 +213,20 @@ class ChatTemplate:
                 raise self._fail(index, "system-not-first",
                                  "a system message is only accepted as the first message "
                                  "(and only once)")
+
+    def _validate_reasoning(self, index: int, message: Mapping[str, Any]) -> None:
+        """Reasoning is refused where the family's template would drop it in silence."""
+        field = next((k for k in REASONING_KEYS if message.get(k) is not None), None)
+        if field is None:
+            return
+        if message.get("role") != "assistant":
+            raise self._fail(index, "reasoning-not-assistant",
+                             f"only assistant messages carry reasoning ({field!r})")
+        if not self.reasoning:
+            raise self._fail(index, "no-reasoning",
+                             f"this template cannot express reasoning ({field!r}), so it would "
+                             "not be trained; remove it, or use a template of a reasoning "
+                             "family")
 
     def _validate_alternation(self, messages: Sequence[Mapping[str, Any]]) -> None:
         offset = 1 if messages[0].get("role") == "system" else 0
@@ -502,7 +519,7 @@ def _normalise(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     chat = []
     for message in messages:
         plain = {key: _plain(value) for key, value in message.items() if value is not None}
-        reasoning = next((plain[k] for k in _REASONING_FIELDS if plain.get(k) is not None), None)
+        reasoning = next((plain[k] for k in REASONING_KEYS if plain.get(k) is not None), None)
         if reasoning is not None:
             plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
         chat.append(plain)

@@ -1,0 +1,127 @@
+"""Reasoning is never dropped in silence.
+
+Loading keeps an assistant turn's reasoning (``reasoning_content``, ``thinking`` or
+``reasoning``); a family whose template cannot express it refuses it, naming the example; and an
+assistant turn whose reasoning the template leaves out (Qwen3 keeps only the reasoning after the
+last user message) is not trained as an answer without thinking: it stops preparation, or is
+counted as skipped, with the options that train it correctly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets.config
+import pytest
+from transformers import AutoTokenizer
+
+from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+from sft_plugins.data import load_sft_dataset, messages_from_row
+from sft_plugins.errors import DataError, MaskingError
+from sft_plugins.loss import IGNORE_INDEX
+from sft_plugins.testing import plugin_manager
+
+MANAGER = plugin_manager("sft_plugins_templates", "sft_plugins_collators")
+QWEN3 = MANAGER.templates.get("qwen3")
+
+
+def turn(question: str, reasoning: str, answer: str, key: str = "reasoning_content"
+         ) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": answer, key: reasoning}]
+
+
+ONE_TURN = {"messages": turn("2+2?", "Two and two make four.", "4")}
+TWO_TURNS = {"messages": [*turn("2+2?", "Two and two make four.", "4"),
+                          *turn("3+3?", "Three and three make six.", "6")]}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    """The shipped tokenizer with Qwen's special tokens, configured by the qwen3 template."""
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>",
+                                                                "<|endoftext|>"]})
+    QWEN3.configure_tokenizer(tokenizer)
+    return tokenizer
+
+
+def write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "thinking", "reasoning"])
+def test_loading_keeps_the_reasoning(tmp_path: Path, key: str) -> None:
+    source = {"messages": turn("2+2?", "Two and two make four.", "4", key)}
+    data = load_sft_dataset(str(write(tmp_path / "r.jsonl", [source])), template=QWEN3)
+    messages = messages_from_row(data.train[0])
+    assert messages[1]["reasoning_content"] == "Two and two make four."
+    text = QWEN3.render(messages).text
+    assert text == QWEN3.render(source["messages"]).text
+    assert "<think>\nTwo and two make four.\n</think>" in text
+
+
+def test_a_family_without_reasoning_refuses_it(tmp_path: Path) -> None:
+    plain = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path = write(tmp_path / "r.jsonl", [{"messages": turn("q", "r", "a")}, ONE_TURN, plain])
+    llama = MANAGER.templates.get("llama-3.1")
+    with pytest.raises(DataError, match=rf"{path}:1: .*cannot express reasoning"):
+        load_sft_dataset(str(path), template=llama)
+    skipped = load_sft_dataset(str(path), template=llama, on_bad_example="skip")
+    assert skipped.summary.splits[0].skipped == {"template llama-3.1: no-reasoning": 2}
+    assert len(skipped.train) == 1
+
+
+def test_reasoning_belongs_to_assistant_messages(tmp_path: Path) -> None:
+    row = {"messages": [{"role": "user", "content": "q", "thinking": "hm"},
+                        {"role": "assistant", "content": "a"}]}
+    with pytest.raises(DataError, match="only assistant messages carry reasoning"):
+        load_sft_dataset(str(write(tmp_path / "r.jsonl", [row])), template=QWEN3)
+
+
+def trained_text(tokenizer: Any, row: dict[str, Any]) -> str:
+    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True)
+                             if label != IGNORE_INDEX])
+
+
+def prepare(tmp_path: Path, tokenizer: Any, rows: list[dict[str, Any]], collator: str,
+            **options: Any) -> Any:
+    data = load_sft_dataset(str(write(tmp_path / "train.jsonl", rows)), template=QWEN3)
+    return MANAGER.collators.create(collator, **options).prepare(data.train, tokenizer, QWEN3,
+                                                                 desc=None)
+
+
+def test_a_turn_with_its_reasoning_is_trained_with_it(tmp_path: Path, tokenizer: Any) -> None:
+    prepared = prepare(tmp_path, tokenizer, [ONE_TURN], "assistant-only")
+    assert trained_text(tokenizer, prepared.dataset[0]) == \
+        "<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>"
+
+
+def test_a_turn_whose_reasoning_the_template_drops_is_not_trained_in_silence(
+        tmp_path: Path, tokenizer: Any) -> None:
+    with pytest.raises(MaskingError, match=r"train\.jsonl:1: .*message 1 is trained, but .*"
+                                           r"without its reasoning.*last-turn"):
+        prepare(tmp_path, tokenizer, [TWO_TURNS], "assistant-only")
+    skipped = prepare(tmp_path, tokenizer, [TWO_TURNS, ONE_TURN], "assistant-only",
+                      on_bad_example="skip")
+    assert skipped.report.skipped == {"reasoning_dropped": 1} and skipped.report.kept == 1
+    last = prepare(tmp_path, tokenizer, [TWO_TURNS], "last-turn")
+    assert trained_text(tokenizer, last.dataset[0]) == \
+        "<think>\nThree and three make six.\n</think>\n\n6<|im_end|>"
+
+
+def test_without_reasoning_in_earlier_turns_every_turn_trains(tmp_path: Path,
+                                                              tokenizer: Any) -> None:
+    plain = {"messages": [{"role": "user", "content": "2+2?"},
+                          {"role": "assistant", "content": "4"},
+                          *turn("3+3?", "Three and three make six.", "6")]}
+    prepared = prepare(tmp_path, tokenizer, [plain], "assistant-only")
+    assert trained_text(tokenizer, prepared.dataset[0]) == \
+        "4<|im_end|><think>\nThree and three make six.\n</think>\n\n6<|im_end|>"
