@@ -125,3 +125,32 @@ def test_without_reasoning_in_earlier_turns_every_turn_trains(tmp_path: Path,
     prepared = prepare(tmp_path, tokenizer, [plain], "assistant-only")
     assert trained_text(tokenizer, prepared.dataset[0]) == \
         "4<|im_end|><think>\nThree and three make six.\n</think>\n\n6<|im_end|>"
+
+
+def test_a_think_block_in_the_content_counts_as_reasoning(tmp_path: Path,
+                                                          tokenizer: Any) -> None:
+    """Reasoning written inline (``<think>...</think>`` before the answer) is dropped from
+    history by Qwen3 and from every turn by DeepSeek-R1's template: not trained in silence."""
+    first = "<think>\nTwo and two.\n</think>\n\n4"
+    second = "<think>\nThree and three.\n</think>\n\n6"
+    inline = {"messages": [{"role": "user", "content": "2+2?"},
+                           {"role": "assistant", "content": first},
+                           {"role": "user", "content": "3+3?"},
+                           {"role": "assistant", "content": second}]}
+    skipped = prepare(tmp_path, tokenizer, [inline, ONE_TURN], "assistant-only",
+                      on_bad_example="skip")
+    assert skipped.report.skipped == {"reasoning_dropped": 1}
+    last = prepare(tmp_path, tokenizer, [inline], "last-turn")
+    assert "Three and three." in trained_text(tokenizer, last.dataset[0])
+
+
+def test_deepseek_r1s_template_drops_inline_reasoning_from_every_turn() -> None:
+    """The deepseek-v3 template (DeepSeek-R1's) keeps only what follows ``</think>``, even in
+    the last turn: its reasoning can never be trained, and the turn is marked so."""
+    from sft_plugins.masking import render_example
+
+    row = {"messages": [{"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"}]}
+    rendered = render_example(row, MANAGER.templates.get("deepseek-v3"), None)
+    assert "Two and two." not in rendered.text
+    assert [t.reasoning_dropped for t in rendered.turns] == [False, True]

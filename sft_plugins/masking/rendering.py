@@ -164,7 +164,12 @@ def _render_messages(prompt: list[dict[str, Any]], rest: list[dict[str, Any]],
 
 def _reasoning_dropped(message: Mapping[str, Any], text: str,
                        trained: tuple[int, int] | None) -> bool:
+    """Whether the message has reasoning (a field, or a ``<think>`` block closing in its
+    content, as Qwen3 and DeepSeek-R1 data write it) that its trained span does not hold."""
     reasoning = reasoning_of(message)
+    content = message.get("content")
+    if reasoning is None and isinstance(content, str) and "</think>" in content:
+        reasoning = content.split("</think>")[0].split("<think>")[-1]
     return bool(reasoning and reasoning.strip() and trained is not None
                 and reasoning.strip() not in text[trained[0]:trained[1]])
 
