@@ -3,11 +3,12 @@
 Run: ``python -m benchmarks.preparation_cache [--n 1000000] [--num-proc 2]``.
 
 N short conversations (those of :mod:`benchmarks.data_loading`) are written to a temporary
-directory with a tiny Llama and the shipped tokenizer. The same training command then runs twice
-in fresh processes, with one fresh ``datasets`` cache: cold (read, validate, tokenize and label
-everything) and warm (everything found in the cache). Each process reports the seconds from its
-start to the end of its first optimizer step, measured by a ``TrainerCallback``; the rest of the
-run is one step. Prints one JSON object; the goal of the preparation cache is warm <= 10% of cold.
+directory with the demo's small Llama and the shipped tokenizer. The same training command then
+runs twice in fresh processes, with one fresh ``datasets`` cache: cold (read, validate, tokenize
+and label everything) and warm (everything found in the cache). Each process reports the seconds
+from its start to the end of its first optimizer step, measured by a ``TrainerCallback``; the
+rest of the run is one step. Prints one JSON object; the goal of the preparation cache is warm
+<= 10% of cold.
 """
 
 from __future__ import annotations
@@ -52,18 +53,14 @@ def first_step(argv: list[str]) -> None:
 
 
 def build_model(directory: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The demo's small Llama (:func:`sft_plugins.demo.build_model`) with the shipped tokenizer."""
+    from transformers import AutoTokenizer
 
     from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+    from sft_plugins.demo import build_model as demo_model
 
     tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )).save_pretrained(directory)
+    demo_model(tokenizer, seed=0).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
 
