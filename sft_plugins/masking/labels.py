@@ -123,8 +123,7 @@ def check_reasoning_trained(rendered: RenderedExample, weighting: Weighting) -> 
                 f"message {turn.index} is trained, but the chat template renders it without its "
                 "reasoning (it keeps only the reasoning of the turns after the last user "
                 "message), so the model would learn to answer without thinking; train only the "
-                "last turn (collator last-turn), split the conversation after each answer, or "
-                "skip such examples")
+                "last turn (collator last-turn), or split the conversation after each answer")
 
 
 __all__ = ["check_reasoning_trained", "check_spans", "label_tokens", "token_weights"]
