@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[qlora,test,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[qlora,deepspeed,test,bench]"
 	touch $@
 
 demo: $(STAMP)

@@ -7,7 +7,10 @@ Checks and measures, each in isolation so one failure does not hide the others:
    that both give the same loss);
 2. 4-bit QLoRA (bitsandbytes NF4 + LoRA) loading and training a few steps on the GPU;
 3. the built-in demo on the GPU (time and held-out exact match);
-4. which attention kernels are available (SDPA, FlashAttention).
+4. DeepSpeed ZeRO-3 through ``sft-plugins train --deepspeed`` (one process under ``torchrun``):
+   losses equal to the same run without it, and a ZeRO-3 checkpoint that resumes to the same
+   final loss (DeepSpeed cannot run on the CPU-only development machine, see docs/training.md);
+5. which attention kernels are available (SDPA, FlashAttention).
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``. Run: ``python -m benchmarks.gpu_check
 --out DIR``.
@@ -20,6 +23,8 @@ import importlib.util
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -135,6 +140,51 @@ def demo_check(out_dir: Path) -> dict[str, Any]:
             "steps": result.steps}
 
 
+ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+         "train_batch_size": "auto", "gradient_accumulation_steps": "auto",
+         "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
+
+
+def deepspeed_check(out_dir: Path) -> dict[str, Any]:
+    """ZeRO-3 as a user runs it: losses equal a run without DeepSpeed, and resuming from a
+    ZeRO-3 checkpoint reaches the same final loss."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return {"error": "deepspeed is not installed: pip install deepspeed, then run again"}
+    from transformers import AutoTokenizer
+
+    from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+    from sft_plugins.demo import example, letter_sets
+
+    work = out_dir / "deepspeed"
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    llama(len(tokenizer), 256, 2, torch.float32).save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    data = work / "train.jsonl"
+    data.write_text("".join(json.dumps(example(s)) + "\n" for s in letter_sets(0, 256)))
+    config = work / "zero3.json"
+    config.write_text(json.dumps(ZERO3))
+
+    def train(name: str, *extra: str) -> list[float]:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                        "-m", "sft_plugins", "train", "--model_name_or_path", str(work / "model"),
+                        "--dataset", str(data), "--template", "llama-3.1", "--output_dir",
+                        str(work / name), "--max_steps", "4", "--per_device_train_batch_size",
+                        "8", "--logging_steps", "1", "--report_to", "none", "--seed", "0",
+                        *extra], check=True, capture_output=True, text=True, timeout=600)
+        state = json.loads((work / name / "trainer_state.json").read_text())
+        return [h["loss"] for h in state["log_history"] if "loss" in h]
+
+    plain = train("plain", "--save_strategy", "no")
+    zero3 = train("zero3", "--deepspeed", str(config), "--save_steps", "2")
+    resumed = train("zero3", "--deepspeed", str(config), "--save_steps", "2",
+                    "--resume_from_checkpoint", str(work / "zero3" / "checkpoint-2"))
+    return {"plain_losses": plain, "zero3_losses": zero3, "resumed_losses": resumed,
+            "losses_equal": len(plain) == len(zero3) and all(
+                abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(plain, zero3, strict=True)),
+            "resume_equal": abs(resumed[-1] - zero3[-1]) <= 1e-3 * max(1.0, abs(zero3[-1]))}
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = ["# GPU check", "", f"`{json.dumps(report['environment'])}`", ""]
     step = report.get("step")
@@ -147,7 +197,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", f"time ratio {step['time_ratio']:.2f}, memory ratio "
                   f"{step['memory_ratio']:.2f} (batch {step['batch']} x {step['length']} tokens,"
                   f" {step['trained_fraction']:.0%} trained, vocabulary {step['vocab']})", ""]
-    for key in ("qlora", "demo"):
+    for key in ("qlora", "demo", "deepspeed"):
         lines.append(f"- {key}: `{json.dumps(report.get(key))}`")
     return "\n".join(lines) + "\n"
 
@@ -159,7 +209,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # checkpoints and models stay here
     report: dict[str, Any] = {"environment": environment()}
-    for key, check in (("step", step_benchmark), ("qlora", qlora_check), ("demo", demo_check)):
+    for key, check in (("step", step_benchmark), ("qlora", qlora_check), ("demo", demo_check),
+                       ("deepspeed", deepspeed_check)):
         try:
             report[key] = check(work)
         except Exception:
