@@ -8,7 +8,6 @@ caller reports it (the command line prints it).
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,8 +25,6 @@ from sft_plugins.modeling import load_model, load_tokenizer
 from sft_plugins.options import parse_variables, typed_options
 from sft_plugins.perturb import Perturber
 from sft_plugins.trainer import SFTPluginTrainer, default_collator_name
-
-logger = logging.getLogger(__name__)
 
 Outcome = Literal["trained", "already_finished", "stopped_by_sigterm"]
 
