@@ -148,7 +148,8 @@ ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "a
 def deepspeed_check(out_dir: Path) -> dict[str, Any]:
     """ZeRO-3 as a user runs it: losses equal a run without DeepSpeed, and resuming from a
     ZeRO-3 checkpoint reaches the same final loss."""
-    if importlib.util.find_spec("deepspeed") is None:
+    found = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True)
+    if found.returncode:  # looked for where the runs below will look (their PYTHONPATH)
         return {"error": "deepspeed is not installed: pip install deepspeed, then run again"}
     from transformers import AutoTokenizer
 
