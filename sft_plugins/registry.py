@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -20,6 +20,7 @@ from sft_plugins.errors import (
     SFTPluginsError,
     UnknownNameError,
 )
+from sft_plugins.options import typed_options
 
 T = TypeVar("T")
 
@@ -118,6 +119,14 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """The item registered under ``name`` or one of its aliases."""
         return self.entry(name).item
+
+    def create_from_text(self, name: str, text_options: Mapping[str, str], flag: str,
+                         **defaults: Any) -> Any:
+        """:meth:`create` with options given as text (``--collator_max_length 512``, ``-c
+        max_length=512``), converted to the types the constructor declares; ``flag`` names them
+        in errors. ``defaults`` apply where the text gives no value."""
+        typed = typed_options(self.get(name), text_options, flag)
+        return self.create(name, **{**defaults, **typed})
 
     def create(self, name: str, **options: Any) -> Any:
         """Instantiate the class registered under ``name`` with validated keyword options."""

@@ -22,7 +22,7 @@ from sft_plugins.errors import ConfigError, TemplateError
 from sft_plugins.manager import PluginManager, get_plugin_manager
 from sft_plugins.masking import MaskingCollator
 from sft_plugins.modeling import load_model, load_tokenizer
-from sft_plugins.options import parse_variables, typed_options
+from sft_plugins.options import parse_variables
 from sft_plugins.perturb import Perturber
 from sft_plugins.trainer import SFTPluginTrainer, default_collator_name
 
@@ -107,11 +107,10 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments,
 def _collator(manager: PluginManager, plugin_args: PluginArguments, data_args: DataArguments,
               raw: dict[str, str], data: SFTData) -> MaskingCollator:
     name = plugin_args.collator or default_collator_name(data.train)
-    options = typed_options(manager.collators.get(name), raw, "--collator")
+    defaults: dict[str, Any] = {"on_bad_example": data_args.on_bad_example}
     if plugin_args.max_length is not None:
-        options.setdefault("max_length", plugin_args.max_length)
-    options.setdefault("on_bad_example", data_args.on_bad_example)
-    return manager.collators.create(name, **options)
+        defaults["max_length"] = plugin_args.max_length
+    return manager.collators.create_from_text(name, raw, "--collator", **defaults)
 
 
 def _perturber(manager: PluginManager, plugin_args: PluginArguments,
@@ -120,8 +119,7 @@ def _perturber(manager: PluginManager, plugin_args: PluginArguments,
         if raw:
             raise ConfigError("perturber options were given without --perturber")
         return None
-    options = typed_options(manager.perturbers.get(plugin_args.perturber), raw, "--perturber")
-    return manager.perturbers.create(plugin_args.perturber, **options)
+    return manager.perturbers.create_from_text(plugin_args.perturber, raw, "--perturber")
 
 
 def run(trainer: SFTPluginTrainer, data: SFTData) -> TrainingRun:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from sft_plugins.loss import IGNORE_INDEX, WEIGHTS_KEY
 from sft_plugins.manager import PluginManager, get_plugin_manager
 from sft_plugins.masking import MaskingCollator
 from sft_plugins.modeling import load_tokenizer
-from sft_plugins.options import parse_variables, split_pairs, typed_options
+from sft_plugins.options import parse_variables, split_pairs
 from sft_plugins.templates import ChatTemplate
 from sft_plugins.trained_view import (
     TrainedExample,
@@ -95,12 +95,6 @@ def resolve_template(manager: PluginManager, name: str | None, tokenizer: Any,
         raise TemplateError(f"name a template with --template NAME (sft-plugins list shows "
                             f"them) or give --tokenizer DIR to detect it{where}")
     return template
-
-
-def _collator(manager: PluginManager, name: str, pairs: Sequence[str]) -> MaskingCollator:
-    options = typed_options(manager.collators.get(name), split_pairs(pairs, "collator option"),
-                            "--collator")
-    return manager.collators.create(name, **options)
 
 
 def as_json(example: TrainedExample, template: ChatTemplate) -> dict[str, Any]:
@@ -202,8 +196,9 @@ def render_command(path: Path, template_name: str | None, tokenizer_dir: Path | 
         ModelArguments(model_name_or_path=str(tokenizer_dir)))  # names the directory on failure
     template = resolve_template(manager, template_name, tokenizer,
                                 parse_variables(option_pairs))
-    collator = None if tokenizer is None else _collator(
-        manager, collator_name or DEFAULT_COLLATOR, collator_pairs)
+    collator = None if tokenizer is None else manager.collators.create_from_text(
+        collator_name or DEFAULT_COLLATOR, split_pairs(collator_pairs, "collator option"),
+        "--collator")
     examples = render_file(path, template, add_generation_prompt=add_generation_prompt,
                            tokenizer=tokenizer, collator=collator)
     if html_path is not None:
