@@ -53,9 +53,10 @@ class SkipCount:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def describe(self) -> str:
-        """``"2 too_long, 1 invalid"``."""
-        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+
+def describe_counts(counts: Mapping[str, int]) -> str:
+    """``"2 too_long, 1 invalid"``: skipped examples counted by reason."""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
 
 
 def count_skips(reasons: pa.Array | pa.ChunkedArray) -> SkipCount:
@@ -64,11 +65,10 @@ def count_skips(reasons: pa.Array | pa.ChunkedArray) -> SkipCount:
     bad = pc.is_valid(reasons)
     if not (pc.sum(bad).as_py() or 0):
         return SkipCount()
-    counts = pc.value_counts(reasons.drop_null() if hasattr(reasons, "drop_null")
-                             else pc.drop_null(reasons)).to_pylist()
+    counts = pc.value_counts(pc.drop_null(reasons)).to_pylist()
     return SkipCount({str(c["values"]): int(c["counts"]) for c in counts},
                      pc.indices_nonzero(bad).to_pylist())
 
 
 __all__ = ["POLICIES", "QUOTED", "OnBadExample", "SkipCount", "count_skips",
-           "describe_location", "location_of"]
+           "describe_counts", "describe_location", "location_of"]

@@ -17,7 +17,7 @@ import pyarrow as pa
 from datasets.fingerprint import Hasher
 
 from sft_plugins._version import __version__
-from sft_plugins.bad_examples import count_skips, location_of
+from sft_plugins.bad_examples import count_skips, describe_counts, location_of
 from sft_plugins.cache_files import cached_step
 from sft_plugins.errors import MaskingError, SkipExample
 from sft_plugins.loss import WEIGHTS_KEY
@@ -65,7 +65,7 @@ class PreparationReport:
 
     def skip_counts(self) -> str:
         """``"2 too_long, 1 invalid"``: the skipped examples counted by reason."""
-        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        return describe_counts(self.skipped)
 
     def summary(self) -> str:
         """One paragraph for the log, printed before training starts."""

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import jinja2
 
-from sft_plugins.data.schema import REASONING_KEYS
+from sft_plugins.data.schema import REASONING_KEYS, reasoning_of
 from sft_plugins.errors import ConversationError, TemplateError
 from sft_plugins.templates import _jinja
 from sft_plugins.templates._jinja import strip_message_markers
@@ -519,7 +519,7 @@ def _normalise(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     chat = []
     for message in messages:
         plain = {key: _plain(value) for key, value in message.items() if value is not None}
-        reasoning = next((plain[k] for k in REASONING_KEYS if plain.get(k) is not None), None)
+        reasoning = reasoning_of(plain)
         if reasoning is not None:
             plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
         chat.append(plain)
