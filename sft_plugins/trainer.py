@@ -167,7 +167,6 @@ class SFTPluginTrainer(Trainer):
                               template_options=template_options, collator=collator,
                               collator_options=collator_options, perturber=perturber,
                               perturber_options=perturber_options)
-        self._tokenizer = processing_class
         self.preparation: dict[str, PreparationReport] = {}
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
@@ -288,10 +287,10 @@ class SFTPluginTrainer(Trainer):
         """
         if "input_ids" in dataset.column_names:
             return labels_from_token_masks(dataset, split)
-        if self._tokenizer is None:
+        if self.processing_class is None:
             raise TypeError("SFTPluginTrainer needs processing_class (the tokenizer) to "
                             "prepare a data set of conversations")
-        prepared = self.collator.prepare(dataset, self._tokenizer, self.chat_template,
+        prepared = self.collator.prepare(dataset, self.processing_class, self.chat_template,
                                          num_proc=self.dataset_num_proc)
         report = self.preparation[split] = prepared.report
         if report.total and not report.kept:
