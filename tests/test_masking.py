@@ -21,6 +21,7 @@ from sft_plugins.masking import (
     token_ranges_fast,
     token_weights,
 )
+from sft_plugins.masking.alignment import encode_batch
 from sft_plugins.testing import plugin_manager
 
 CONVERSATION = [
@@ -364,17 +365,15 @@ def test_a_tokenizer_that_is_not_byte_level_uses_offsets(tokenizer: Any, collato
     assert wordlevel.convert_ids_to_tokens(trained) == ["hello", EOT]
 
 
-def test_padding_left_switched_on_in_the_tokenizer_backend_does_not_leak(
-        collators: Any) -> None:
+def test_padding_left_switched_on_in_the_tokenizer_backend_does_not_leak() -> None:
     """A batched ``tokenizer(..., padding=True)`` call leaves padding on in the shared Rust
     backend; the batched encoding must still give every example its own length."""
     padded = llama_tokenizer()
     padded.pad_token = PAD
     padded(["a", "a much longer text"], padding=True)
     examples = [RenderedExample(text, (), False, False) for text in ("a", "a b c d e f")]
-    collator = collators.create("all-tokens")
     for offsets in (True, False):
-        encodings = collator.encode_batch(examples, padded, offsets=offsets)
+        encodings = encode_batch(examples, padded, offsets=offsets)
         assert [len(e.ids) for e in encodings] == [1, 6]
     assert padded.backend_tokenizer.padding is not None  # the caller's tokenizer is untouched
 

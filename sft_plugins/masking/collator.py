@@ -17,7 +17,6 @@ import torch
 from sft_plugins.bad_examples import POLICIES, OnBadExample
 from sft_plugins.batching import pad_batch
 from sft_plugins.errors import MaskingError, PluginOptionError, TemplateError
-from sft_plugins.masking.alignment import encode_batch
 from sft_plugins.masking.preparation import PreparedDataset, prepare_dataset
 from sft_plugins.masking.rendering import RenderedExample, Weighting
 from sft_plugins.templates import ChatTemplate
@@ -179,12 +178,6 @@ class MaskingCollator:
         return prepare_dataset(self, dataset, tokenizer, template, num_proc=num_proc,
                                batch_size=batch_size,
                                load_from_cache_file=load_from_cache_file, desc=desc)
-
-    def encode_batch(self, rendered: Sequence[RenderedExample], tokenizer: Any, *,
-                     offsets: bool = True) -> list[Any]:
-        """:func:`sft_plugins.masking.alignment.encode_batch`: the fast tokenizer's encodings
-        of a batch, in one backend call (without offsets where it can, if ``offsets=False``)."""
-        return encode_batch(rendered, tokenizer, offsets=offsets)
 
     # -- padding ------------------------------------------------------------------------
 
