@@ -11,28 +11,38 @@ exist) and checks three things on each:
 3. the spans are well formed: in order, inside the text, each trained span inside its message
    and ending with the family's end-of-turn token.
 
-``PARITY_EXAMPLES`` conversations per family (the issue asks for at least 200).
+``PARITY_EXAMPLES`` conversations per family (the issue asks for at least 200). The checks and
+strategies live in ``template_parity.py``; families added later have their own
+``test_templates_parity_<group>.py``.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from template_parity import (
+    ARGS,
+    NAMES,
+    OFFICIAL_TEMPLATES,
+    PARITY,
+    TEXT,
+    TOOLS,
+    call,
+    check_parity,
+    conversation,
+    official_text,
+)
 from transformers import AutoTokenizer
-from transformers.utils.chat_template_utils import render_jinja_template
 
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 from sft_plugins.errors import TemplateError
-from sft_plugins.templates import ChatTemplate, RenderedConversation
+from sft_plugins.templates import ChatTemplate
 from sft_plugins.testing import plugin_manager
-
-OFFICIAL_TEMPLATES = Path(__file__).parent / "fixtures" / "official_templates"
-"""The publishers' templates, byte for byte (provenance in its README.md)."""
-PARITY_EXAMPLES = 200
 
 CHATML_REFERENCE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
@@ -46,9 +56,6 @@ OFFICIAL = {
     "qwen2.5": "qwen2_5.jinja", "qwen3": "qwen3.jinja", "gemma-3": "gemma3.jinja",
     "phi-3.5": "phi3_5.jinja", "deepseek-v3": "deepseekv3.jinja",
 }
-
-PARITY = settings(max_examples=PARITY_EXAMPLES, deadline=None, derandomize=True,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @pytest.fixture(scope="module")
@@ -65,51 +72,10 @@ def templates() -> dict[str, ChatTemplate]:
 def official_source(name: str) -> str:
     if name == "chatml":
         return CHATML_REFERENCE
-    return (OFFICIAL_TEMPLATES / OFFICIAL[name]).read_text()
+    return official_text(OFFICIAL[name])
 
 
 # --------------------------------------------------------------------------- strategies
-
-_FRAGMENTS = st.sampled_from(["", " ", "\n", "  \n\t", "\n\n"])
-_WORDS = st.one_of(
-    st.text(st.characters(exclude_categories=("Cs",)), max_size=12),
-    st.sampled_from(["Hello!", "naïve café 東京 🦙", "a\nb", "x = {\"k\": [1, 2]}", "</think>",
-                     "<think>\nhm\n</think>\n\nok", "<tool_response>r</tool_response>"]),
-)
-TEXT = st.builds(lambda a, b, c: a + b + c, _FRAGMENTS, _WORDS, _FRAGMENTS)
-NAMES = st.sampled_from(["get_weather", "search", "add"])
-ARGS = st.dictionaries(st.sampled_from(["city", "q", "n"]),
-                       st.one_of(st.integers(-5, 99), st.text(max_size=6)), max_size=2)
-TOOLS = st.lists(st.builds(lambda n: {"type": "function", "function": {
-    "name": n, "description": "does " + n,
-    "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}, NAMES),
-    min_size=1, max_size=2)
-
-
-def call(name: str, arguments: Any, type_: str | None = "function") -> dict[str, Any]:
-    out: dict[str, Any] = {"function": {"name": name, "arguments": arguments}}
-    if type_:
-        out["type"] = type_
-    return out
-
-
-@st.composite
-def conversation(draw: st.DrawFn, *, system: bool = True, tool_exchange: Any = None,
-                 assistant: Any = None) -> list[dict[str, Any]]:
-    """system?, then turns of user [tool exchange] [assistant]; the last may stop early."""
-    messages: list[dict[str, Any]] = []
-    if system and draw(st.booleans()):
-        messages.append({"role": "system", "content": draw(TEXT)})
-    turns = draw(st.integers(1, 4))
-    for turn in range(turns):
-        messages.append({"role": "user", "content": draw(TEXT)})
-        if tool_exchange is not None and draw(st.integers(0, 3)) == 0:
-            messages.extend(draw(tool_exchange))
-        if turn < turns - 1 or draw(st.booleans()):
-            messages.append(draw(assistant) if assistant is not None
-                            else {"role": "assistant", "content": draw(TEXT)})
-    return messages
-
 
 def llama_exchange(builtin: bool) -> Any:
     @st.composite
@@ -191,45 +157,6 @@ def case(draw: st.DrawFn, family: str) -> tuple[list[dict[str, Any]], dict[str, 
     return messages, options
 
 
-# ------------------------------------------------------------------------------- checks
-
-def special_tokens(template: ChatTemplate) -> dict[str, Any]:
-    return {"bos_token": template.bos_token, "eos_token": template.eos_token}
-
-
-def check_spans(template: ChatTemplate, rendered: RenderedConversation,
-                messages: list[dict[str, Any]]) -> None:
-    text = rendered.text
-    assert [m.index for m in rendered.messages] == list(range(len(messages)))
-    previous_end = 0
-    for span in rendered.messages:
-        assert span.role == messages[span.index]["role"]
-        assert previous_end <= span.start <= span.end <= len(text)
-        previous_end = span.end
-        if span.role != "assistant":
-            assert span.trained is None
-            continue
-        assert span.trained is not None
-        start, end = span.trained
-        assert span.start <= start <= end <= span.end
-        assert text[start:end].endswith((template.end_of_turn, "<|eom_id|>"))
-
-
-def check_parity(template: ChatTemplate, tokenizer: Any, messages: list[dict[str, Any]],
-                 options: dict[str, Any]) -> None:
-    ours = template.render(messages, **options)
-    official = tokenizer.apply_chat_template(
-        messages, chat_template=official_source(template.name), tokenize=False,
-        **special_tokens(template), **options)
-    assert ours.text == official
-    installed, indices = render_jinja_template(
-        conversations=[messages], chat_template=template.tokenizer_source,
-        return_assistant_tokens_mask=True, **special_tokens(template), **options)
-    assert installed[0] == ours.text
-    assert [tuple(i) for i in indices[0]] == list(ours.trained_spans)
-    check_spans(template, ours, messages)
-
-
 FAMILIES = ["llama-3", "llama-3.1", "llama-3.2", "qwen2.5", "qwen3", "gemma-3", "phi-3.5",
             "deepseek-v3", "chatml"]
 
@@ -242,13 +169,23 @@ def test_parity_with_official_template(family: str, tokenizer: Any,
     @PARITY
     @given(case(family))
     def run(example: tuple[list[dict[str, Any]], dict[str, Any]]) -> None:
-        check_parity(template, tokenizer, *example)
+        check_parity(template, tokenizer, official_source(family), *example)
 
     run()
 
 
+def parity_tested_families() -> list[str]:
+    """``FAMILIES`` here and in every ``test_templates_parity_<group>.py`` beside this file."""
+    found = list(FAMILIES)
+    for path in sorted(Path(__file__).parent.glob("test_templates_parity_*.py")):
+        found.extend(importlib.import_module(path.stem).FAMILIES)
+    return found
+
+
 def test_every_registered_family_has_a_parity_test(templates: dict[str, ChatTemplate]) -> None:
-    assert sorted(templates) == sorted(FAMILIES)
+    families = parity_tested_families()
+    assert len(families) == len(set(families))
+    assert sorted(templates) == sorted(families)
 
 
 def test_fingerprints_match_the_official_texts(templates: dict[str, ChatTemplate]) -> None:
