@@ -31,6 +31,8 @@ class Tokens:
     labels: list[int]
     weights: list[float]
     pieces: list[str]
+    text: str
+    """The example's rendered text (a conversation expanded per exchange has several)."""
 
     @property
     def trained(self) -> int:
@@ -39,31 +41,37 @@ class Tokens:
 
 @dataclass(frozen=True)
 class TrainedExample:
-    """One conversation: what the template made of it, and, with a tokenizer, its tokens as the
-    collator labels them."""
+    """One conversation: what the template made of it, and, with a tokenizer, the tokens of
+    each example training makes of it (one, or one per exchange when the collator expands it),
+    as the collator labels them."""
 
     line: int
     messages: list[Any]
     tools: Any
     rendered: RenderedConversation
-    tokens: Tokens | None
+    tokens: tuple[Tokens, ...] = ()
 
 
 def label_conversations(conversations: Sequence[Mapping[str, Any]], collator: MaskingCollator,
-                        tokenizer: Any, template: ChatTemplate) -> list[Tokens | SkipExample]:
-    """The tokens of each conversation (``{"messages": ..., "tools": ...}`` or any row the
-    collators take) exactly as ``collator`` prepares them for training, or the
-    :class:`SkipExample` saying why training would skip it."""
+                        tokenizer: Any, template: ChatTemplate
+                        ) -> list[tuple[Tokens, ...] | SkipExample]:
+    """The tokens of each example training makes of each conversation
+    (``{"messages": ..., "tools": ...}`` or any row the collators take) exactly as ``collator``
+    prepares them, or the :class:`SkipExample` saying why training would skip one."""
     collator.bind(tokenizer, template)
-    return [result if isinstance(result, SkipExample) else _tokens(result, tokenizer)
-            for result in label_examples(collator, conversations, tokenizer, template)]
+    out: list[tuple[Tokens, ...] | SkipExample] = []
+    for results in label_examples(collator, conversations, tokenizer, template):
+        skip = next((r for r in results if isinstance(r, SkipExample)), None)
+        out.append(skip if skip is not None else
+                   tuple(_tokens(r, tokenizer) for r in results if isinstance(r, Labelled)))
+    return out
 
 
 def _tokens(labelled: Labelled, tokenizer: Any) -> Tokens:
     weights = labelled.loss_weights or [float(label != IGNORE_INDEX)
                                         for label in labelled.labels]
     return Tokens(labelled.input_ids, labelled.labels, list(weights),
-                  _pieces(labelled, tokenizer))
+                  _pieces(labelled, tokenizer), labelled.text)
 
 
 def _pieces(labelled: Labelled, tokenizer: Any) -> list[str]:
@@ -125,30 +133,36 @@ pre {{ white-space: pre-wrap; word-break: break-word; background: #fff; padding:
 """
 
 
+def heading(example: TrainedExample, part: int) -> str:
+    """``line 3``, or ``line 3, exchange 2 of 4`` for an expanded conversation's examples."""
+    count = len(example.tokens)
+    return f"line {example.line}" + (f", exchange {part} of {count}" if count > 1 else "")
+
+
 def as_html(examples: Sequence[TrainedExample], template: ChatTemplate, title: str,
             collator: str | None = None) -> str:
     """A standalone page, one ``<pre>`` per conversation (well-formed XHTML-compatible markup);
     a token's tooltip is its id and, for fractional weights, its weight."""
     sections = []
     for example in examples:
-        if example.tokens is None:
+        if not example.tokens:
             parts = [f'<span class="{"trained" if trained else "prompt"}">'
                      f"{html.escape(piece)}</span>"
                      for piece, trained in runs(example.rendered.text,
                                                 trained_mask(example.rendered))]
-        else:
-            tokens = example.tokens
+            sections.append(f"<h2>line {example.line}</h2>\n<pre>{''.join(parts)}</pre>")
+        for part, tokens in enumerate(example.tokens, 1):
             parts = [f'<span class="tok{" loss" if label != IGNORE_INDEX else ""}" '
                      f'title="{token}{f" weight {weight:g}" if 0 < weight < 1 else ""}">'
                      f"{html.escape(piece)}</span>"
                      for piece, label, token, weight in zip(tokens.pieces, tokens.labels,
                                                             tokens.input_ids, tokens.weights,
                                                             strict=True)]
-        sections.append(f"<h2>line {example.line}</h2>\n<pre>{''.join(parts)}</pre>")
+            sections.append(f"<h2>{heading(example, part)}</h2>\n<pre>{''.join(parts)}</pre>")
     by = f", collator <b>{html.escape(collator)}</b>" if collator else ""
     return _PAGE.format(title=html.escape(title), template=html.escape(template.name),
                         collator=by, body="\n".join(sections))
 
 
-__all__ = ["Tokens", "TrainedExample", "as_html", "label_conversations", "runs",
+__all__ = ["Tokens", "TrainedExample", "as_html", "heading", "label_conversations", "runs",
            "trained_mask"]

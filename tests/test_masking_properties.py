@@ -253,18 +253,19 @@ def rows(draw: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("collator", COLLATOR_NAMES)
 @EXAMPLES
 @given(batch=st.lists(rows(), min_size=1, max_size=4),
-       max_length=st.sampled_from([None, 24]))
+       max_length=st.sampled_from([None, 24]), expand=st.sampled_from(["off", "all"]))
 def test_label_examples_on_a_list_gives_the_prepared_rows(
         setup: dict[str, Any], collator: str, batch: list[dict[str, Any]],
-        max_length: int | None) -> None:
+        max_length: int | None, expand: str) -> None:
     """``label_examples`` on plain Python rows labels them exactly as ``prepare`` does on the
-    same rows in a data set, and skips the same ones for the same reasons."""
+    same rows in a data set (a row the collator expands giving several), and skips the same
+    ones for the same reasons."""
     template, tokenizer = setup["llama-3.1"]
     instance = setup["manager"].collators.create(
-        collator, pad_token=PAD, on_bad_example="skip", max_length=max_length,
+        collator, pad_token=PAD, on_bad_example="skip", max_length=max_length, expand=expand,
         **COLLATOR_OPTIONS.get(collator, {}))
     prepared = instance.prepare(Dataset.from_list(batch), tokenizer, template, desc=None)
-    results = label_examples(instance, batch, tokenizer, template)
+    results = [r for row in label_examples(instance, batch, tokenizer, template) for r in row]
     kept = [r for r in results if isinstance(r, Labelled)]
     expected = list(prepared.dataset)
     assert [r.input_ids for r in kept] == [row["input_ids"] for row in expected]

@@ -174,18 +174,19 @@ def test_parity_with_official_template(family: str, tokenizer: Any,
     run()
 
 
-def parity_tested_families() -> list[str]:
-    """``FAMILIES`` here and in every ``test_templates_parity_<group>.py`` beside this file."""
-    found = list(FAMILIES)
+def official_sources() -> dict[str, str]:
+    """The official text of every parity-tested family: ``FAMILIES`` here and in each
+    ``test_templates_parity_<group>.py`` beside this file (there a dict: family -> fixture)."""
+    sources = {family: official_source(family) for family in FAMILIES}
     for path in sorted(Path(__file__).parent.glob("test_templates_parity_*.py")):
-        found.extend(importlib.import_module(path.stem).FAMILIES)
-    return found
+        group = importlib.import_module(path.stem).FAMILIES
+        assert not set(group) & set(sources), f"{path.name} tests a family twice"
+        sources.update({family: official_text(file) for family, file in group.items()})
+    return sources
 
 
 def test_every_registered_family_has_a_parity_test(templates: dict[str, ChatTemplate]) -> None:
-    families = parity_tested_families()
-    assert len(families) == len(set(families))
-    assert sorted(templates) == sorted(families)
+    assert sorted(templates) == sorted(official_sources())
 
 
 def test_fingerprints_match_the_official_texts(templates: dict[str, ChatTemplate]) -> None:

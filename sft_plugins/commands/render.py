@@ -30,8 +30,10 @@ from sft_plugins.modeling import load_tokenizer
 from sft_plugins.options import parse_variables, split_pairs
 from sft_plugins.templates import ChatTemplate
 from sft_plugins.trained_view import (
+    Tokens,
     TrainedExample,
     as_html,
+    heading,
     label_conversations,
     runs,
     trained_mask,
@@ -108,29 +110,39 @@ def as_json(example: TrainedExample, template: ChatTemplate) -> dict[str, Any]:
     }
     if example.tools is not None:
         out["tools"] = example.tools
-    if example.tokens is not None:
-        out["input_ids"] = example.tokens.input_ids
-        out["labels"] = example.tokens.labels
-        if any(0 < w < 1 for w in example.tokens.weights):
-            out[WEIGHTS_KEY] = example.tokens.weights
+    if len(example.tokens) == 1:
+        out.update(_token_json(example.tokens[0]))
+    elif example.tokens:
+        out["examples"] = [{"text": t.text, **_token_json(t)} for t in example.tokens]
+    return out
+
+
+def _token_json(tokens: Tokens) -> dict[str, Any]:
+    out: dict[str, Any] = {"input_ids": tokens.input_ids, "labels": tokens.labels}
+    if any(0 < w < 1 for w in tokens.weights):
+        out[WEIGHTS_KEY] = tokens.weights
     return out
 
 
 def as_rich(example: TrainedExample, template: ChatTemplate) -> Text:
     """The terminal view: trained text in green; with tokens, boundaries as alternating
     underlines and tokens that carry loss in green (dim green below full weight)."""
-    view = Text(f"line {example.line} · {template.name}\n", style="bold")
-    if example.tokens is None:
+    if not example.tokens:
+        view = Text(f"line {example.line} · {template.name}\n", style="bold")
         for piece, trained in runs(example.rendered.text, trained_mask(example.rendered)):
             view.append(piece, style="bold green" if trained else "dim")
         return view
-    tokens = example.tokens
-    for i, (piece, label, weight) in enumerate(zip(tokens.pieces, tokens.labels, tokens.weights,
-                                                   strict=True)):
-        colour = ("grey50" if label == IGNORE_INDEX else
-                  "bold green" if weight >= 1 else "green")
-        view.append(piece, style=f"{colour} underline" if i % 2 else colour)
-    view.append(f"\n[{len(tokens.input_ids)} tokens, {tokens.trained} with loss]", style="italic")
+    view = Text()
+    for part, tokens in enumerate(example.tokens, 1):
+        view.append(f"{heading(example, part)} · {template.name}\n", style="bold")
+        for i, (piece, label, weight) in enumerate(zip(tokens.pieces, tokens.labels,
+                                                       tokens.weights, strict=True)):
+            colour = ("grey50" if label == IGNORE_INDEX else
+                      "bold green" if weight >= 1 else "green")
+            view.append(piece, style=f"{colour} underline" if i % 2 else colour)
+        view.append(f"\n[{len(tokens.input_ids)} tokens, {tokens.trained} with loss]\n",
+                    style="italic")
+    view.rstrip()
     return view
 
 
@@ -147,7 +159,7 @@ def render_file(path: Path, template: ChatTemplate, *, add_generation_prompt: bo
                                             add_generation_prompt=add_generation_prompt))
         except TemplateError as exc:
             raise TemplateError(f"{path}:{line}: {exc}") from None
-    tokens: list[Any] = [None] * len(read)
+    tokens: list[Any] = [()] * len(read)
     if collator is not None:
         tokens = label_conversations([row for _, row in read], collator, tokenizer, template)
         for (line, _), result in zip(read, tokens, strict=True):
@@ -179,7 +191,8 @@ def render_file(path: Path, template: ChatTemplate, *, add_generation_prompt: bo
               type=click.Path(dir_okay=False, path_type=Path), help="Also write an HTML page.")
 @click.option("--json", "json_output", is_flag=True,
               help="Print one JSON object per input line (text, spans; input_ids and labels "
-                   "with --tokenizer).")
+                   "with --tokenizer, per exchange under 'examples' when -c expand=... splits "
+                   "the conversation).")
 def render_command(path: Path, template_name: str | None, tokenizer_dir: Path | None,
                    collator_name: str | None, collator_pairs: tuple[str, ...],
                    add_generation_prompt: bool, option_pairs: tuple[str, ...],

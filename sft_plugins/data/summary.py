@@ -65,12 +65,15 @@ class DataSummary:
         loader did not read (a data set passed to the trainer as is) gets its own entry."""
         record = next((s for s in self.splits if s.split == split), None)
         if record is None:
+            rows = report.total if report.rows is None else report.rows
             record = SplitSummary(split=split, sources=["given to the trainer"], format="rows",
-                                  kind=kind, examples=report.total, kept=report.total)
+                                  kind=kind, examples=rows, kept=rows)
             self.splits.append(record)
         record.preparation = {"total": report.total, "kept": report.kept,
                               "skipped": dict(report.skipped),
                               "first_skips": list(report.first_skips)}
+        if report.rows is not None:
+            record.preparation["expanded_from_rows"] = report.rows
 
     def to_dict(self) -> dict[str, object]:
         return {"on_bad_example": self.on_bad_example,

@@ -18,7 +18,7 @@ from sft_plugins.bad_examples import POLICIES, OnBadExample
 from sft_plugins.batching import pad_batch
 from sft_plugins.errors import MaskingError, PluginOptionError, TemplateError
 from sft_plugins.masking.preparation import PreparedDataset, prepare_dataset
-from sft_plugins.masking.rendering import RenderedExample, Weighting
+from sft_plugins.masking.rendering import EXPANSIONS, Expansion, RenderedExample, Weighting
 from sft_plugins.templates import ChatTemplate
 
 if TYPE_CHECKING:
@@ -51,6 +51,11 @@ class MaskingCollator:
     in an answer) are tokenized as the text they are (default, with a fast tokenizer), not as
     the special tokens; ``False`` gives ``apply_chat_template``'s behaviour
     (:mod:`sft_plugins.literal_text`).
+    ``expand``: ``off`` (default), ``reasoning`` or ``all``: split a conversation into one
+    example per exchange, each trained in the context the model sees when it generates that
+    turn, where the template would drop a trained turn's reasoning (``reasoning``) or always
+    (``all``); see :func:`~sft_plugins.masking.rendering.render_examples`. With ``off``, a
+    trained turn whose reasoning the template drops is a bad example (``reasoning_dropped``).
     """
 
     name: ClassVar[str] = ""
@@ -72,7 +77,7 @@ class MaskingCollator:
                  strict: bool = False, pad_to_multiple_of: int | None = None,
                  padding_side: Literal["right", "left"] = "right", pad_token: str | None = None,
                  on_bad_example: OnBadExample = "error",
-                 literal_special_tokens: bool = True) -> None:
+                 literal_special_tokens: bool = True, expand: Expansion = "off") -> None:
         self._check_option("max_length", max_length, max_length is None or max_length >= 1,
                            "a positive number of tokens")
         self._check_option("truncation", truncation, truncation in TRUNCATIONS,
@@ -83,6 +88,7 @@ class MaskingCollator:
                            " or ".join(PADDING_SIDES))
         self._check_option("on_bad_example", on_bad_example, on_bad_example in POLICIES,
                            " or ".join(POLICIES))
+        self._check_option("expand", expand, expand in EXPANSIONS, " or ".join(EXPANSIONS))
         self.max_length = max_length
         self.truncation = truncation
         self.strict = strict
@@ -91,6 +97,7 @@ class MaskingCollator:
         self.pad_token = pad_token
         self.on_bad_example = on_bad_example
         self.literal_special_tokens = literal_special_tokens
+        self.expand = expand
         self.pad_token_id: int | None = None
         """Set by :meth:`prepare` (or by hand when only padding is needed)."""
 

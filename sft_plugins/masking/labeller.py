@@ -35,7 +35,7 @@ from sft_plugins.masking.alignment import (
     token_ranges_fast,
 )
 from sft_plugins.masking.labels import check_reasoning_trained, check_spans, label_tokens
-from sft_plugins.masking.rendering import RenderedExample, Weighting, render_example
+from sft_plugins.masking.rendering import RenderedExample, Weighting, render_examples
 
 if TYPE_CHECKING:
     from sft_plugins.masking.collator import MaskingCollator
@@ -59,20 +59,24 @@ class Labelled:
 
 def label_examples(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]],
                    tokenizer: Any, template: ChatTemplate | None = None
-                   ) -> list[Labelled | SkipExample]:
-    """Each row labelled exactly as training labels it, or the :class:`SkipExample` saying why
-    it cannot be (its ``__cause__`` is the original error when one was raised).
+                   ) -> list[list[Labelled | SkipExample]]:
+    """For each row, its examples labelled exactly as training labels them, or the
+    :class:`SkipExample` saying why one cannot be (its ``__cause__`` is the original error when
+    one was raised).
 
-    Rows are the canonical rows of :mod:`sft_plugins.data` or TRL's formats
-    (:func:`~sft_plugins.masking.render_example`). The collator must be bound to the tokenizer
-    and template first (:meth:`~MaskingCollator.bind`, which :meth:`~MaskingCollator.prepare`
-    calls). No policy is applied here: ``on_bad_example`` and ``strict`` are the caller's.
+    A row gives one example, or one per exchange when the collator's ``expand`` option splits
+    it (:func:`~sft_plugins.masking.rendering.render_examples`); a row that cannot be rendered
+    gives one :class:`SkipExample`. Rows are the canonical rows of :mod:`sft_plugins.data` or
+    TRL's formats (:func:`~sft_plugins.masking.render_example`). The collator must be bound to
+    the tokenizer and template first (:meth:`~MaskingCollator.bind`, which
+    :meth:`~MaskingCollator.prepare` calls). No policy is applied here: ``on_bad_example`` and
+    ``strict`` are the caller's.
     """
     context = _Context.of(collator, tokenizer, template)
     weighed = [_weigh(collator, row, context) for row in rows]
-    labelled = iter(_label_all(collator, [w for w in weighed if isinstance(w, _Weighed)],
-                               tokenizer, context))
-    return [next(labelled) if isinstance(w, _Weighed) else w for w in weighed]
+    labelled = iter(_label_all(collator, [w for row in weighed for w in row
+                                          if isinstance(w, _Weighed)], tokenizer, context))
+    return [[next(labelled) if isinstance(w, _Weighed) else w for w in row] for row in weighed]
 
 
 @dataclass(frozen=True)
@@ -108,13 +112,24 @@ class _Weighed:
 
 
 def _weigh(collator: MaskingCollator, row: Mapping[str, Any],
-           context: _Context) -> _Weighed | SkipExample:
-    """Render one row (special-token text in it kept as text) and let the collator weigh it."""
+           context: _Context) -> list[_Weighed | SkipExample]:
+    """Render one row into its examples (special-token text in it kept as text) and let the
+    collator weigh each."""
     try:
         originals: list[str] = []
         if context.special is not None:
             row, originals = protect(row, context.special)
-        rendered = render_example(row, context.template, context.eos_text)
+        examples = render_examples(row, context.template, context.eos_text, collator.expand)
+    except SkipExample as skip:
+        return [skip]
+    except SFTPluginsError as error:  # DataError, TemplateError, MaskingError...
+        return [_skip(getattr(error, "rule", None) or "invalid", error)]
+    return [_weigh_example(collator, rendered, originals) for rendered in examples]
+
+
+def _weigh_example(collator: MaskingCollator, rendered: RenderedExample,
+                   originals: list[str]) -> _Weighed | SkipExample:
+    try:
         literal: tuple[tuple[int, int], ...] = ()
         if originals:
             text, places = restore(rendered.text, originals)
@@ -124,7 +139,7 @@ def _weigh(collator: MaskingCollator, row: Mapping[str, Any],
         check_reasoning_trained(rendered, weighting)
     except SkipExample as skip:
         return skip
-    except SFTPluginsError as error:  # DataError, TemplateError, MaskingError...
+    except SFTPluginsError as error:
         return _skip(getattr(error, "rule", None) or "invalid", error)
     return _Weighed(rendered, weighting, literal)
 

@@ -121,9 +121,9 @@ def check_reasoning_trained(rendered: RenderedExample, weighting: Weighting) -> 
             raise SkipExample(
                 "reasoning_dropped",
                 f"message {turn.index} is trained, but the chat template renders it without its "
-                "reasoning (it keeps only the reasoning of the turns after the last user "
-                "message), so the model would learn to answer without thinking; train only the "
-                "last turn (collator last-turn), or split the conversation after each answer")
+                "reasoning at this point of the conversation, so the model would learn to "
+                "answer without thinking; train each exchange as its own example (collator "
+                "option expand=reasoning), or only the last turn (collator last-turn)")
 
 
 __all__ = ["check_reasoning_trained", "check_spans", "label_tokens", "token_weights"]

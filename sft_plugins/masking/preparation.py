@@ -62,6 +62,9 @@ class PreparationReport:
     skipped: dict[str, int] = field(default_factory=dict)
     first_skips: list[str] = field(default_factory=list)
     """The messages of the first skipped examples (where it came from, what was wrong)."""
+    rows: int | None = None
+    """How many rows the examples came from, when the collator's ``expand`` option split
+    conversations into one example per exchange (``None``: one example per row)."""
 
     def skip_counts(self) -> str:
         """``"2 too_long, 1 invalid"``: the skipped examples counted by reason."""
@@ -70,6 +73,8 @@ class PreparationReport:
     def summary(self) -> str:
         """One paragraph for the log, printed before training starts."""
         line = f"prepared {self.kept} of {self.total} examples"
+        if self.rows is not None:
+            line += f" (expanded from {self.rows} rows, one example per exchange)"
         if not self.skipped:
             return line + "; none skipped"
         return "\n  ".join([f"{line}; skipped {self.total - self.kept}: {self.skip_counts()}",
@@ -100,23 +105,29 @@ def prepare_dataset(collator: MaskingCollator, dataset: datasets.Dataset, tokeni
             num_proc=num_proc, remove_columns=dataset.column_names, load_from_cache_file=load,
             desc=desc, fn_kwargs=fn_kwargs, new_fingerprint=fingerprint),
             load_from_cache_file, "labelling")
-        return _drop_skipped(mapped, num_proc, load_from_cache_file)
+        return _drop_skipped(mapped, num_proc, load_from_cache_file,
+                             rows=len(dataset) if collator.expand != "off" else None)
 
 
 def label_batch(batch: Mapping[str, list[Any]], indices: Sequence[int], *,
                 collator: MaskingCollator, tokenizer: Any,
                 template: ChatTemplate | None) -> pa.Table:
     """The ``datasets.map`` function: :func:`label_examples` on the batch's rows, as an Arrow
-    table with explicit column types; a skipped row is empty, with its reason and message."""
+    table with explicit column types, one row per example (a row the collator expands gives
+    several); a skipped example is empty, with its reason and message."""
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     columns: dict[str, list[Any]] = {name: [] for name in COLUMN_TYPES
                                      if name != WEIGHTS_KEY or collator.weighted}
-    for index, row, result in zip(indices, rows, label_examples(collator, rows, tokenizer,
-                                                                template), strict=True):
-        if isinstance(result, SkipExample):
-            _append_skip(columns, collator, result, location_of(row, index))
-        else:
-            _append_labelled(columns, result)
+    for index, row, results in zip(indices, rows, label_examples(collator, rows, tokenizer,
+                                                                 template), strict=True):
+        for part, result in enumerate(results, 1):
+            if isinstance(result, Labelled):
+                _append_labelled(columns, result)
+                continue
+            where = location_of(row, index)
+            if len(results) > 1:
+                where += f", exchange {part} of {len(results)}"
+            _append_skip(columns, collator, result, where)
     return pa.table({name: pa.array(values, type=COLUMN_TYPES[name])
                      for name, values in columns.items()})
 
@@ -155,7 +166,7 @@ def _settle(collator: MaskingCollator, skip: SkipExample, where: str) -> None:
 
 
 def _drop_skipped(mapped: datasets.Dataset, num_proc: int | None,
-                  load_from_cache_file: bool | None) -> PreparedDataset:
+                  load_from_cache_file: bool | None, *, rows: int | None) -> PreparedDataset:
     """Count the marked rows in Arrow (a million kept rows never become a million Python
     strings), quote the first, drop them and the marks."""
     bad = count_skips(mapped.data.column(SKIP_COLUMN))
@@ -170,7 +181,7 @@ def _drop_skipped(mapped: datasets.Dataset, num_proc: int | None,
             load_from_cache_file=load), load_from_cache_file, "dropping skipped examples")
     mapped = mapped.remove_columns([SKIP_COLUMN, DETAIL_COLUMN])
     report = PreparationReport(total=total, kept=len(mapped), skipped=bad.counts,
-                               first_skips=first_skips)
+                               first_skips=first_skips, rows=rows)
     return PreparedDataset(mapped, report)
 
 

@@ -8,14 +8,20 @@ answers with weighted character spans (:class:`Weighting`); nothing here knows a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from sft_plugins.data.schema import decode_json, decode_messages, reasoning_of
 from sft_plugins.errors import DataError, MaskingError
 
 if TYPE_CHECKING:
     from sft_plugins.templates import ChatTemplate
+
+
+Expansion = Literal["off", "reasoning", "all"]
+EXPANSIONS: tuple[str, ...] = ("off", "reasoning", "all")
+"""When a conversation becomes one example per exchange (:func:`render_examples`): never,
+only when its template would drop the reasoning of a trained turn, or always."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,54 @@ def render_example(example: Mapping[str, Any], template: ChatTemplate | None,
     raise DataError(f"no 'messages', 'prompt'/'completion' or 'text' field (columns: {columns})")
 
 
+def render_examples(example: Mapping[str, Any], template: ChatTemplate | None,
+                    eos_text: str | None, expand: Expansion = "off") -> list[RenderedExample]:
+    """One row as the examples training sees: the row itself, or, expanded, one example per
+    exchange (a user message and the assistant turns that answer it).
+
+    An expanded example is the conversation up to the end of one exchange, rendered as the
+    template renders that history at that point; only its last exchange's assistant turns are
+    trained, the earlier ones are context. So each turn is learnt in exactly the context the
+    model sees when it generates it: a template that keeps the reasoning of the turns after the
+    last user message only (Qwen3-style) keeps the trained turn's reasoning, and no turn is
+    trained as an answer without thinking. ``expand="reasoning"`` expands only rows where a
+    turn's reasoning would otherwise be dropped; ``"all"`` every conversation with more than one
+    exchange. Rows that are not a plain ``messages`` conversation are never expanded.
+    """
+    rendered = render_example(example, template, eos_text)
+    if expand == "off" or example.get("messages") is None \
+            or example.get("completion_index") is not None:
+        return [rendered]
+    if expand == "reasoning" and not any(turn.reasoning_dropped for turn in rendered.turns):
+        return [rendered]
+    messages = decode_messages(example["messages"])
+    ends = _exchange_ends(messages)
+    if len(ends) <= 1:
+        return [rendered]
+    return [_history_as_context(render_example({**example, "messages": messages[:end]},
+                                               template, eos_text), messages[:end])
+            for end in ends]
+
+
+def _exchange_ends(messages: list[dict[str, Any]]) -> list[int]:
+    """Where each exchange with an assistant turn ends: before the next user message, or at the
+    end of the conversation."""
+    users = [index for index, message in enumerate(messages) if message.get("role") == "user"]
+    bounds = [*users[1:], len(messages)] if users else [len(messages)]
+    starts = [0, *users[1:]]
+    return [end for start, end in zip(starts, bounds, strict=True)
+            if any(m.get("role") == "assistant" for m in messages[start:end])]
+
+
+def _history_as_context(rendered: RenderedExample,
+                        messages: list[dict[str, Any]]) -> RenderedExample:
+    """The example with the assistant turns before its last user message left untrained."""
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    turns = tuple(replace(turn, trained=None, reasoning_dropped=False)
+                  if turn.index < last_user else turn for turn in rendered.turns)
+    return replace(rendered, turns=turns)
+
+
 def _render_conversation(example: Mapping[str, Any], template: ChatTemplate | None,
                          tools: Any) -> RenderedExample:
     """``messages``, split at ``completion_index`` when the row has one."""
@@ -174,4 +228,5 @@ def _reasoning_dropped(message: Mapping[str, Any], text: str,
                 and reasoning.strip() not in text[trained[0]:trained[1]])
 
 
-__all__ = ["RenderedExample", "Turn", "WeightedSpan", "Weighting", "render_example"]
+__all__ = ["EXPANSIONS", "Expansion", "RenderedExample", "Turn", "WeightedSpan", "Weighting",
+           "render_example", "render_examples"]
