@@ -59,6 +59,11 @@ def tokenizer() -> Any:
                                           "tool_calls": [{"function": {"name": "f",
                                                                        "arguments": {}}}]}],
      1, "tool-call-content"),
+    ([{"role": "user", "content": "a"}, {"role": "ipython", "content": "42"}], 1,
+     "tool-result-without-call"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+      {"role": "tool", "content": "42"}], 2, "tool-result-without-call"),
+    ([{"role": "tool", "content": "42"}], 0, "tool-result-without-call"),
 ])
 def test_bad_conversations_name_the_message_and_rule(llama: ChatTemplate, messages: Any,
                                                      index: int, rule: str) -> None:
@@ -67,6 +72,22 @@ def test_bad_conversations_name_the_message_and_rule(llama: ChatTemplate, messag
     assert caught.value.message_index == index
     assert caught.value.rule == rule
     assert f"message {index}" in str(caught.value)
+
+
+def test_a_tool_result_follows_its_call_or_another_result(manager: Any) -> None:
+    """Results of one call, several in a row, are accepted; a template that takes no
+    ``tool_calls`` (calls written in the content) needs only an assistant message before."""
+    call = {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "f", "arguments": {}}}]}
+    results = [{"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}]
+    manager.templates.get("qwen3").validate([{"role": "user", "content": "a"}, call, *results])
+    in_content = ChatTemplate(name="calls-in-content", source="{{ messages }}",
+                              roles=("user", "assistant", "tool"))
+    in_content.validate([{"role": "user", "content": "a"},
+                         {"role": "assistant", "content": "<call>f()</call>"}, *results])
+    with pytest.raises(ConversationError, match="calls-in-content: message 1: a 'tool' message "
+                                                "must follow the assistant message"):
+        in_content.validate([{"role": "user", "content": "a"}, *results])
 
 
 def test_llama_tools_go_into_a_first_user_message(llama: ChatTemplate) -> None:

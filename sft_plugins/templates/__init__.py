@@ -31,6 +31,9 @@ from sft_plugins.templates._jinja import strip_message_markers
 Check = Callable[[Sequence[Mapping[str, Any]], Any], None]
 """A family-specific rule: ``check(messages, tools)`` raises ``ConversationError`` or returns."""
 
+TOOL_RESULT_ROLES = ("tool", "ipython")
+"""Roles that carry a tool's output back (``ipython`` is Llama 3.1's name for it)."""
+
 
 
 def tokenizer_template_text(tokenizer: Any) -> str | None:
@@ -192,6 +195,8 @@ class ChatTemplate:
             raise self._fail(index, "unknown-role",
                              f"unknown role {role!r}; this template accepts "
                              f"{', '.join(self.roles)}")
+        if role in TOOL_RESULT_ROLES:
+            self._validate_tool_result(index, messages)
         calls = message.get("tool_calls")
         if calls is not None:
             if not self.tool_calls or role != "assistant":
@@ -213,6 +218,23 @@ class ChatTemplate:
                 raise self._fail(index, "system-not-first",
                                  "a system message is only accepted as the first message "
                                  "(and only once)")
+
+    def _validate_tool_result(self, index: int, messages: Sequence[Any]) -> None:
+        """A tool result answers a call: it follows the assistant message that made it (one
+        with ``tool_calls`` where the family takes them) or another result of the same turn.
+        A stray result would be rendered as an answer to nothing, and the model would learn to
+        read tool output nobody asked for."""
+        before = messages[index - 1] if index > 0 else None
+        role = before.get("role") if isinstance(before, Mapping) else None
+        if role in TOOL_RESULT_ROLES:
+            return
+        if role == "assistant" and (not self.tool_calls or before.get("tool_calls")):
+            return
+        raise self._fail(index, "tool-result-without-call",
+                         f"a {messages[index].get('role')!r} message must follow the assistant "
+                         "message whose tool call it answers"
+                         + (" (one with 'tool_calls')" if self.tool_calls else "")
+                         + "; add the call, or remove the result")
 
     def _validate_reasoning(self, index: int, message: Mapping[str, Any]) -> None:
         """Reasoning is refused where the family's template would drop it in silence."""
