@@ -58,7 +58,7 @@ def names(listing: dict, kind: str, plugin: str) -> set[str]:
 
 def test_discovered_and_listed_under_its_plugin_name(installed):
     listing = list_json()
-    assert names(listing, "templates", "example") == {"example-chat"}
+    assert names(listing, "templates", "example") == {"example-chat", "example-reasoner"}
     assert names(listing, "perturbers", "example") == {"laplace"}
     assert listing["errors"] == []
 
@@ -76,7 +76,7 @@ def test_broken_copy_is_reported_not_fatal(installed, install):
     install("sft-plugins-example-broken", {"broken_example/plugin.py": broken},
             {"broken-example": "broken_example.plugin"})
     listing = list_json()
-    assert names(listing, "templates", "example") == {"example-chat"}
+    assert names(listing, "templates", "example") == {"example-chat", "example-reasoner"}
     [error] = listing["errors"]
     assert error["plugin"] == "broken-example"
     assert error["distribution"] == "sft-plugins-example-broken"
@@ -134,3 +134,79 @@ def test_trainer_subclass_adds_its_z_loss(installed, tmp_path):
         log_z = torch.logsumexp(model(input_ids=batch["input_ids"]).logits[:, :-1], -1)
         expected = base.compute_loss(model, batch) + 0.01 * log_z.square().mean()
         assert z.compute_loss(model, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "adds two numbers",
+                                           "parameters": {"type": "object"}}}]
+
+
+def tool_conversation(a: int, b: int) -> dict:
+    """Two exchanges: a tool call (with reasoning) and its result, then a plain question whose
+    answer has reasoning too."""
+    total = a + b
+    return {"tools": TOOLS, "messages": [
+        {"role": "user", "content": f"What is {a} plus {b}?"},
+        {"role": "assistant", "content": "", "reasoning_content": f"I should add {a} and {b}.",
+         "tool_calls": [{"type": "function",
+                         "function": {"name": "add", "arguments": {"a": a, "b": b}}}]},
+        {"role": "tool", "content": str(total)},
+        {"role": "assistant", "content": f"{total}.", "reasoning_content": "The tool said so."},
+        {"role": "user", "content": "Is it even?"},
+        {"role": "assistant", "content": "yes" if total % 2 == 0 else "no",
+         "reasoning_content": f"{total} mod 2."}]}
+
+
+def test_a_family_with_reasoning_and_tools_trains_from_outside(installed, tmp_path):
+    """The example's reasoning/tool family, found through its entry point: the tool list and
+    tool output are never trained, the calls and reasoning are; earlier reasoning that the
+    format drops stops preparation by default, and ``expand=reasoning`` trains each exchange
+    with its reasoning. A tiny model trained on it learns (its loss falls below a fifth of
+    where it started)."""
+    from datasets import Dataset
+
+    from sft_plugins.trainer import SFTPluginTrainer
+
+    manager = get_plugin_manager()
+    template = manager.templates.get("example-reasoner")
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    template.configure_tokenizer(tokenizer)
+    row = tool_conversation(2, 3)
+    rendered = template.render(row["messages"], tools=row["tools"])
+    trained = "".join(rendered.text[a:b] for a, b in rendered.trained_spans)
+    assert '<call>{"name": "add", "arguments": {"a": 2, "b": 3}}</call>' in trained
+    assert '"adds two numbers"' not in trained and "### Tool result" not in trained
+    assert "Is it even?" not in trained and "<think>5 mod 2.</think>" in trained
+    assert "I should add" not in rendered.text  # dropped: a user message came after it
+
+    string_arguments = tool_conversation(1, 1)
+    string_arguments["messages"][1]["tool_calls"][0]["function"]["arguments"] = '{"a": 1}'
+    with pytest.raises(Exception, match="example-reasoner: message 1: tool call arguments must "
+                                        "be an object") as caught:
+        template.render(string_arguments["messages"], tools=TOOLS)
+    assert caught.value.rule == "tool-call-arguments"
+
+    data = Dataset.from_list([tool_conversation(a, b) for a in range(4) for b in range(4)])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=60, learning_rate=1e-2,
+                             per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                             save_strategy="no", logging_steps=1)
+    with pytest.raises(Exception, match="message 1 is trained, but the chat template renders "
+                                        "it without its reasoning"):
+        SFTPluginTrainer(model=model, args=args, processing_class=tokenizer,
+                         train_dataset=data, template="example-reasoner", plugin_manager=manager)
+    trainer = SFTPluginTrainer(model=model, args=args, processing_class=tokenizer,
+                               train_dataset=data, template="example-reasoner",
+                               collator_options={"expand": "reasoning"}, plugin_manager=manager)
+    report = trainer.preparation["train"]
+    assert (report.rows, report.total, report.kept) == (16, 32, 32)
+    first = trainer.train_dataset[0]
+    learnt = tokenizer.decode([t for t, label in zip(first["input_ids"], first["labels"],
+                                                     strict=True) if label != -100])
+    assert learnt.startswith("<think>I should add 0 and 0.</think>\n<call>")
+    assert "The tool said so." in learnt and "adds two numbers" not in learnt
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[-1] < 0.2 * losses[0]  # 7.7 -> 0.34 here

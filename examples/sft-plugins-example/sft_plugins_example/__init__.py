@@ -1,5 +1,6 @@
 """An example third-party plugin for sft-plugins.
 
-``plugin`` registers a chat template (``example-chat``) and a noise strategy (``laplace``) and
-teaches auto-detection to recognise the template; ``trainer`` subclasses ``SFTPluginTrainer``.
+``plugin`` registers two chat templates (``example-chat``, and ``example-reasoner`` from
+``reasoner``, a family with reasoning and tool calls) and a noise strategy (``laplace``), and
+teaches auto-detection to recognise the templates; ``trainer`` subclasses ``SFTPluginTrainer``.
 """

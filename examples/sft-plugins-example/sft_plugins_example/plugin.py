@@ -5,6 +5,7 @@ from __future__ import annotations
 from sft_plugins import hookimpl
 from sft_plugins.templates import ChatTemplate
 from sft_plugins_example.noise import LaplaceNoise
+from sft_plugins_example.reasoner import EXAMPLE_REASONER
 
 # What the assistant says (content plus end-of-turn token) sits in {% generation %}; each message
 # starts at {% message m %}, and {% endmessages %} marks where the last one ends. The markers add
@@ -39,6 +40,7 @@ EXAMPLE_CHAT = ChatTemplate(
 @hookimpl
 def register_chat_templates(register):
     register(EXAMPLE_CHAT)
+    register(EXAMPLE_REASONER)
 
 
 @hookimpl
@@ -48,7 +50,7 @@ def register_perturbers(register):
 
 @hookimpl
 def select_chat_template(tokenizer, chat_template):
-    """Recognise tokenizers that carry this template (with or without our span markers)."""
-    if chat_template and "### Assistant:" in chat_template:
-        return EXAMPLE_CHAT.name
-    return None
+    """Recognise tokenizers that carry these templates (with or without our span markers)."""
+    if not chat_template or "### Assistant:" not in chat_template:
+        return None
+    return EXAMPLE_REASONER.name if "<call>" in chat_template else EXAMPLE_CHAT.name
