@@ -32,7 +32,7 @@ class Tokens:
     weights: list[float]
     pieces: list[str]
     text: str
-    """The example's rendered text (a conversation expanded per exchange has several)."""
+    """The example's rendered text (a conversation expanded per assistant turn has several)."""
 
     @property
     def trained(self) -> int:
@@ -42,7 +42,7 @@ class Tokens:
 @dataclass(frozen=True)
 class TrainedExample:
     """One conversation: what the template made of it, and, with a tokenizer, the tokens of
-    each example training makes of it (one, or one per exchange when the collator expands it),
+    each example training makes of it (one, or one per assistant turn when the collator expands it),
     as the collator labels them."""
 
     line: int
@@ -134,9 +134,9 @@ pre {{ white-space: pre-wrap; word-break: break-word; background: #fff; padding:
 
 
 def heading(example: TrainedExample, part: int) -> str:
-    """``line 3``, or ``line 3, exchange 2 of 4`` for an expanded conversation's examples."""
+    """``line 3``, or ``line 3, turn 2 of 4`` for an expanded conversation's examples."""
     count = len(example.tokens)
-    return f"line {example.line}" + (f", exchange {part} of {count}" if count > 1 else "")
+    return f"line {example.line}" + (f", turn {part} of {count}" if count > 1 else "")
 
 
 def as_html(examples: Sequence[TrainedExample], template: ChatTemplate, title: str,

@@ -159,7 +159,7 @@ def tool_conversation(a: int, b: int) -> dict:
 def test_a_family_with_reasoning_and_tools_trains_from_outside(installed, tmp_path):
     """The example's reasoning/tool family, found through its entry point: the tool list and
     tool output are never trained, the calls and reasoning are; earlier reasoning that the
-    format drops stops preparation by default, and ``expand=reasoning`` trains each exchange
+    format drops stops preparation by default, and ``expand=reasoning`` trains each turn
     with its reasoning. A tiny model trained on it learns (its loss falls below a fifth of
     where it started)."""
     from datasets import Dataset
@@ -201,12 +201,14 @@ def test_a_family_with_reasoning_and_tools_trains_from_outside(installed, tmp_pa
                                train_dataset=data, template="example-reasoner",
                                collator_options={"expand": "reasoning"}, plugin_manager=manager)
     report = trainer.preparation["train"]
-    assert (report.rows, report.total, report.kept) == (16, 32, 32)
-    first = trainer.train_dataset[0]
-    learnt = tokenizer.decode([t for t, label in zip(first["input_ids"], first["labels"],
-                                                     strict=True) if label != -100])
-    assert learnt.startswith("<think>I should add 0 and 0.</think>\n<call>")
-    assert "The tool said so." in learnt and "adds two numbers" not in learnt
+    assert (report.rows, report.total, report.kept) == (16, 48, 48)  # one per assistant turn
+    call, answer, last = (tokenizer.decode([t for t, label in zip(
+        row["input_ids"], row["labels"], strict=True) if label != -100])
+        for row in trainer.train_dataset.select(range(3)))
+    assert call == ('<think>I should add 0 and 0.</think>\n<call>{"name": "add", "arguments": '
+                    '{"a": 0, "b": 0}}</call><|end_of_text|>')
+    assert answer == "<think>The tool said so.</think>\n0.<|end_of_text|>"
+    assert last == "<think>0 mod 2.</think>\nyes<|end_of_text|>"
     trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert losses[-1] < 0.2 * losses[0]  # 7.7 -> 0.34 here

@@ -166,6 +166,13 @@ def check_template(report: Report, tokenizer: Any, manager: PluginManager,
     return family
 
 
+def _prompt_is_implicit(family: ChatTemplate | None) -> bool:
+    """Whether the family's own template ignores ``add_generation_prompt`` too: its user turn
+    already ends where the answer starts (Mistral's ``[/INST]``), so the same text with and
+    without the flag is its design, not the day-one Llama bug."""
+    return family is not None and _sample_render(family, False) == _sample_render(family, True)
+
+
 def check_rendering(report: Report, tokenizer: Any, family: ChatTemplate | None) -> None:
     """Checks that render the tokenizer's own template: prompt flag, markers, BOS, padding."""
     text = tokenizer_template_text(tokenizer)
@@ -180,7 +187,7 @@ def check_rendering(report: Report, tokenizer: Any, family: ChatTemplate | None)
                 "template-fails", f"the chat template cannot render a plain conversation: "
                 f"{exc}", "run doctor --fix OUT --template NAME"))
             return
-        if plain == prompted:
+        if plain == prompted and not _prompt_is_implicit(family):
             report.findings.append(Finding(
                 "ignores-add-generation-prompt",
                 "the template renders the same text with and without add_generation_prompt: "

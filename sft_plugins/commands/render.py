@@ -191,8 +191,8 @@ def render_file(path: Path, template: ChatTemplate, *, add_generation_prompt: bo
               type=click.Path(dir_okay=False, path_type=Path), help="Also write an HTML page.")
 @click.option("--json", "json_output", is_flag=True,
               help="Print one JSON object per input line (text, spans; input_ids and labels "
-                   "with --tokenizer, per exchange under 'examples' when -c expand=... splits "
-                   "the conversation).")
+                   "with --tokenizer, per assistant turn under 'examples' when -c expand=... "
+                   "splits the conversation).")
 def render_command(path: Path, template_name: str | None, tokenizer_dir: Path | None,
                    collator_name: str | None, collator_pairs: tuple[str, ...],
                    add_generation_prompt: bool, option_pairs: tuple[str, ...],

@@ -52,7 +52,7 @@ class MaskingCollator:
     the special tokens; ``False`` gives ``apply_chat_template``'s behaviour
     (:mod:`sft_plugins.literal_text`).
     ``expand``: ``off`` (default), ``reasoning`` or ``all``: split a conversation into one
-    example per exchange, each trained in the context the model sees when it generates that
+    example per assistant turn, each trained in the context the model sees when it generates that
     turn, where the template would drop a trained turn's reasoning (``reasoning``) or always
     (``all``); see :func:`~sft_plugins.masking.rendering.render_examples`. With ``off``, a
     trained turn whose reasoning the template drops is a bad example (``reasoning_dropped``).

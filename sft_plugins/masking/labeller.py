@@ -64,7 +64,7 @@ def label_examples(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]],
     :class:`SkipExample` saying why one cannot be (its ``__cause__`` is the original error when
     one was raised).
 
-    A row gives one example, or one per exchange when the collator's ``expand`` option splits
+    A row gives one example, or one per assistant turn when the collator's ``expand`` option splits
     it (:func:`~sft_plugins.masking.rendering.render_examples`); a row that cannot be rendered
     gives one :class:`SkipExample`. Rows are the canonical rows of :mod:`sft_plugins.data` or
     TRL's formats (:func:`~sft_plugins.masking.render_example`). The collator must be bound to

@@ -122,7 +122,7 @@ def check_reasoning_trained(rendered: RenderedExample, weighting: Weighting) -> 
                 "reasoning_dropped",
                 f"message {turn.index} is trained, but the chat template renders it without its "
                 "reasoning at this point of the conversation, so the model would learn to "
-                "answer without thinking; train each exchange as its own example (collator "
+                "answer without thinking; train each assistant turn as its own example (collator "
                 "option expand=reasoning), or only the last turn (collator last-turn)")
 
 

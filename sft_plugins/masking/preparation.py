@@ -64,7 +64,7 @@ class PreparationReport:
     """The messages of the first skipped examples (where it came from, what was wrong)."""
     rows: int | None = None
     """How many rows the examples came from, when the collator's ``expand`` option split
-    conversations into one example per exchange (``None``: one example per row)."""
+    conversations into one example per assistant turn (``None``: one example per row)."""
 
     def skip_counts(self) -> str:
         """``"2 too_long, 1 invalid"``: the skipped examples counted by reason."""
@@ -74,7 +74,7 @@ class PreparationReport:
         """One paragraph for the log, printed before training starts."""
         line = f"prepared {self.kept} of {self.total} examples"
         if self.rows is not None:
-            line += f" (expanded from {self.rows} rows, one example per exchange)"
+            line += f" (expanded from {self.rows} rows, one example per assistant turn)"
         if not self.skipped:
             return line + "; none skipped"
         return "\n  ".join([f"{line}; skipped {self.total - self.kept}: {self.skip_counts()}",
@@ -126,7 +126,7 @@ def label_batch(batch: Mapping[str, list[Any]], indices: Sequence[int], *,
                 continue
             where = location_of(row, index)
             if len(results) > 1:
-                where += f", exchange {part} of {len(results)}"
+                where += f", turn {part} of {len(results)}"
             _append_skip(columns, collator, result, where)
     return pa.table({name: pa.array(values, type=COLUMN_TYPES[name])
                      for name, values in columns.items()})

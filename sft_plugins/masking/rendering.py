@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 Expansion = Literal["off", "reasoning", "all"]
 EXPANSIONS: tuple[str, ...] = ("off", "reasoning", "all")
-"""When a conversation becomes one example per exchange (:func:`render_examples`): never,
-only when its template would drop the reasoning of a trained turn, or always."""
+"""When a conversation becomes one example per assistant turn (:func:`render_examples`):
+never, only when its template would drop the reasoning of a trained turn, or always."""
 
 
 @dataclass(frozen=True)
@@ -110,16 +110,16 @@ def render_example(example: Mapping[str, Any], template: ChatTemplate | None,
 def render_examples(example: Mapping[str, Any], template: ChatTemplate | None,
                     eos_text: str | None, expand: Expansion = "off") -> list[RenderedExample]:
     """One row as the examples training sees: the row itself, or, expanded, one example per
-    exchange (a user message and the assistant turns that answer it).
+    assistant turn.
 
-    An expanded example is the conversation up to the end of one exchange, rendered as the
-    template renders that history at that point; only its last exchange's assistant turns are
-    trained, the earlier ones are context. So each turn is learnt in exactly the context the
-    model sees when it generates it: a template that keeps the reasoning of the turns after the
-    last user message only (Qwen3-style) keeps the trained turn's reasoning, and no turn is
+    An expanded example is the conversation up to and including one assistant turn, rendered
+    as the template renders that history at that point; only that last turn is trained, the
+    earlier ones are context. So each turn is learnt in exactly the context the model sees when
+    it generates it, as the last turn, which every template renders in full: a Qwen3-style
+    template keeps its reasoning, gpt-oss its analysis and ``<|return|>``, and no turn is
     trained as an answer without thinking. ``expand="reasoning"`` expands only rows where a
-    turn's reasoning would otherwise be dropped; ``"all"`` every conversation with more than one
-    exchange. Rows that are not a plain ``messages`` conversation are never expanded.
+    turn's reasoning would otherwise be dropped; ``"all"`` every conversation with more than
+    one assistant turn. Rows that are not a plain ``messages`` conversation are never expanded.
     """
     rendered = render_example(example, template, eos_text)
     if expand == "off" or example.get("messages") is None \
@@ -128,30 +128,18 @@ def render_examples(example: Mapping[str, Any], template: ChatTemplate | None,
     if expand == "reasoning" and not any(turn.reasoning_dropped for turn in rendered.turns):
         return [rendered]
     messages = decode_messages(example["messages"])
-    ends = _exchange_ends(messages)
-    if len(ends) <= 1:
+    answers = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
+    if len(answers) <= 1:
         return [rendered]
-    return [_history_as_context(render_example({**example, "messages": messages[:end]},
-                                               template, eos_text), messages[:end])
-            for end in ends]
+    return [_only_the_last_turn_trained(render_example(
+        {**example, "messages": messages[:answer + 1]}, template, eos_text), answer)
+        for answer in answers]
 
 
-def _exchange_ends(messages: list[dict[str, Any]]) -> list[int]:
-    """Where each exchange with an assistant turn ends: before the next user message, or at the
-    end of the conversation."""
-    users = [index for index, message in enumerate(messages) if message.get("role") == "user"]
-    bounds = [*users[1:], len(messages)] if users else [len(messages)]
-    starts = [0, *users[1:]]
-    return [end for start, end in zip(starts, bounds, strict=True)
-            if any(m.get("role") == "assistant" for m in messages[start:end])]
-
-
-def _history_as_context(rendered: RenderedExample,
-                        messages: list[dict[str, Any]]) -> RenderedExample:
-    """The example with the assistant turns before its last user message left untrained."""
-    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+def _only_the_last_turn_trained(rendered: RenderedExample, last: int) -> RenderedExample:
+    """The example with every assistant turn before message ``last`` left untrained."""
     turns = tuple(replace(turn, trained=None, reasoning_dropped=False)
-                  if turn.index < last_user else turn for turn in rendered.turns)
+                  if turn.index < last else turn for turn in rendered.turns)
     return replace(rendered, turns=turns)
 
 
@@ -220,11 +208,13 @@ def _reasoning_dropped(message: Mapping[str, Any], text: str,
                        trained: tuple[int, int] | None) -> bool:
     """Whether the message has reasoning (a field, or a ``<think>`` block closing in its
     content, as Qwen3 and DeepSeek-R1 data write it) that its trained span does not hold."""
+    if trained is None:  # not a trained turn: nothing of it is dropped from training
+        return False
     reasoning = reasoning_of(message)
     content = message.get("content")
     if reasoning is None and isinstance(content, str) and "</think>" in content:
         reasoning = content.split("</think>")[0].split("<think>")[-1]
-    return bool(reasoning and reasoning.strip() and trained is not None
+    return bool(reasoning and reasoning.strip()
                 and reasoning.strip() not in text[trained[0]:trained[1]])
 
 

@@ -5,7 +5,7 @@ each tool call as ``<call>{"name": ..., "arguments": {...}}</call>``, tool outpu
 heading. Like Qwen3, it shows the reasoning (``<think>...</think>``) only for the assistant turns
 after the last user message, so earlier turns lose it; sft-plugins then refuses to train such a
 turn as an answer without thinking, and the collator option ``expand=reasoning`` trains each
-exchange as its own example instead.
+assistant turn as its own example instead.
 
 Everything the model must produce (reasoning, answer, tool calls, end-of-turn token) sits inside
 ``{% generation %}``; the tool list, the user's messages and tool output stay outside, so they
