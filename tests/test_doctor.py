@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from click.testing import CliRunner
+from test_templates_parity import official_sources
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
@@ -124,3 +126,15 @@ def test_untrained_special_token_rows_are_found(tmp_path: Path) -> None:
 def _save(model: Any, directory: Path) -> Path:
     model.save_pretrained(directory)
     return directory
+
+
+@pytest.mark.parametrize("family", sorted(official_sources()))
+def test_every_official_template_is_recognised_as_its_family(tmp_path: Path,
+                                                             family: str) -> None:
+    """doctor names the family of each publisher's template and reports no bug the family
+    does not have: a generation prompt implicit in the user turn (Mistral's ``[/INST]``) is
+    the design, not the day-one Llama bug."""
+    _, report = doctor(str(tokenizer_dir(tmp_path / "t", official_sources()[family])))
+    assert report["family"] == family
+    assert not {"known-bug", "modified-template", "unrecognised-template",
+                "ignores-add-generation-prompt", "template-fails"} & codes(report)

@@ -1,6 +1,6 @@
 """Each assistant turn trained in the context the model sees when it generates it.
 
-With the collator option ``expand``, a conversation becomes one example per exchange. The
+With the collator option ``expand``, a conversation becomes one example per assistant turn. The
 property, for every shipped family on generated multi-turn conversations: the tokens before each
 trained turn are exactly the official template's rendering of the history with
 ``add_generation_prompt=True`` (what the model is given at inference), and the trained tokens are
@@ -33,10 +33,30 @@ from sft_plugins.testing import plugin_manager
 MANAGER = plugin_manager("sft_plugins_templates", "sft_plugins_collators")
 FAMILIES = sorted(MANAGER.templates.names())
 OFFICIAL = official_sources()
-OPENED_BY_THE_GENERATION_PROMPT = {"deepseek-v3": "<think>\n"}
-"""Families whose official generation prompt opens a block that their own rendering of an
-answered turn never holds (DeepSeek-R1's template strips everything up to ``</think>``): their
-turns are trained after the prompt without it, a difference the docs state and this test pins."""
+OPENED_BY_THE_GENERATION_PROMPT = {
+    "deepseek-v3": "<think>\n",
+    "qwen3.5-think": "<think>\n", "qwen3.6": "<think>\n", "qwen3.8": "<think>\n",
+    "qwen3.5-nothink": "<think>\n\n</think>\n\n",
+    "deepseek-r1-distill": "<think>\n", "nemotron-3-nano": "<think>\n",
+    "nemotron-3-super": "<think>\n", "nemotron-3-ultra": "<think>\n",
+    "nemotron-3.5-lightning": "<think>\n",
+    "olmo-3": "<think>",  # its trained turn starts after the header: the data writes <think>
+}
+"""Families whose official generation prompt ends in text their trained turn does not follow:
+DeepSeek-R1's template opens a block that its rendering of an answered turn never holds (it
+strips everything up to ``</think>``); Qwen 3.5 / 3.6 / 3.8 open the turn's ``<think>`` block
+(3.5 nothink: write an empty one), and their trained turn starts at its own ``<think>`` right
+after ``<|im_start|>assistant\n``, as qwen3's does, so the model learns to write the block
+itself. The R1-Distill template opens ``<think>\n`` as DeepSeek-R1's does; Nemotron 3 opens
+``<think>\n`` and trains the turn from its own ``<think>`` block (empty without reasoning).
+Their turns are trained after the prompt without it, a difference the docs state and this test
+pins."""
+ANSWERS_WITHOUT_REASONING = {"gemma-4"}
+"""Reasoning families whose template renders reasoning on tool-call turns only, never on an
+answer (such an answer's reasoning is refused)."""
+CLOSED_BY_THE_NEXT_ROLE = {"glm-4-moe": "<|user|>"}
+"""Families with no end-of-turn token: a GLM turn ends at the next message's role token, the
+token the model stops at, and ours closes the last turn with it where the official text ends."""
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +80,8 @@ def exchanges(draw: st.DrawFn, template: ChatTemplate) -> list[dict[str, Any]]:
     for _ in range(draw(st.integers(2, 4))):
         messages.append({"role": "user", "content": _plain(draw(TEXT))})
         answer: dict[str, Any] = {"role": "assistant", "content": _plain(draw(TEXT))}
-        if template.reasoning and draw(st.booleans()):
+        if template.reasoning and template.name not in ANSWERS_WITHOUT_REASONING \
+                and draw(st.booleans()):
             answer["reasoning_content"] = _plain(draw(TEXT))
         messages.append(answer)
     return messages
@@ -95,10 +116,10 @@ def test_each_turn_is_trained_after_the_official_generation_prompt(family: str) 
     def run(messages: list[dict[str, Any]]) -> None:
         [results] = label_examples(collator, [{"messages": messages}], tokenizer, template)
         answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        assert len(results) == len(answers)  # one example per exchange
+        assert len(results) == len(answers)  # one example per assistant turn
         for index, result in zip(answers, results, strict=True):
             assert isinstance(result, Labelled), result
-            [(start, end)] = trained_runs(result.labels)  # only this exchange's answer
+            [(start, end)] = trained_runs(result.labels)  # only this turn
             prompt = official(messages[:index], add_generation_prompt=True)
             opened = OPENED_BY_THE_GENERATION_PROMPT.get(family, "")
             assert prompt.endswith(opened)
@@ -106,6 +127,7 @@ def test_each_turn_is_trained_after_the_official_generation_prompt(family: str) 
             ids = tokenizer(prompt, add_special_tokens=False).input_ids
             assert result.input_ids[:start] == ids
             turn = official(messages[:index + 1])[len(prompt):]
+            turn += CLOSED_BY_THE_NEXT_ROLE.get(family, "")
             generated = tokenizer.decode(result.input_ids[start:end])
             assert turn.startswith(generated)
             assert generated.endswith((template.end_of_turn, *template.stop_tokens))
@@ -158,8 +180,8 @@ def test_without_expand_the_dropped_reasoning_stops_preparation_naming_the_optio
         collator.prepare(Dataset.from_list([QWEN3_TWO_TURNS]), tokenizer, template, desc=None)
 
 
-def test_a_skipped_exchange_is_counted_and_named_with_its_row(qwen3: Any) -> None:
-    """An exchange too long for max_length is dropped on its own; the others train."""
+def test_a_skipped_turn_is_counted_and_named_with_its_row(qwen3: Any) -> None:
+    """A turn too long for max_length is dropped on its own; the others train."""
     template, tokenizer = qwen3
     long = {"messages": [*PLAIN_TWO_TURNS["messages"][:2],
                          {"role": "user", "content": "word " * 200},
@@ -172,7 +194,7 @@ def test_a_skipped_exchange_is_counted_and_named_with_its_row(qwen3: Any) -> Non
     assert isinstance(results[1], SkipExample) and results[1].reason == "too_long"
     prepared = collator.prepare(Dataset.from_list([long]), tokenizer, template, desc=None)
     assert (prepared.report.total, prepared.report.kept) == (2, 1)
-    assert prepared.report.first_skips[0].startswith("example 0, exchange 2 of 2: too_long")
+    assert prepared.report.first_skips[0].startswith("example 0, turn 2 of 2: too_long")
 
 
 def test_rows_that_are_not_plain_conversations_are_never_expanded(qwen3: Any) -> None:

@@ -12,12 +12,29 @@ from typing import Any
 
 from sft_plugins import hookimpl
 from sft_plugins.templates import ChatTemplate
-from sft_plugins_templates import chatml, deepseek, gemma, llama, phi, qwen
+from sft_plugins_templates import (
+    chatml,
+    deepseek,
+    gemma,
+    gemma4,
+    glm,
+    gpt_oss,
+    lfm,
+    llama,
+    mistral,
+    nemotron,
+    olmo,
+    phi,
+    qwen,
+    qwen3_5,
+)
 
 logger = logging.getLogger(__name__)
 
 TEMPLATES: tuple[ChatTemplate, ...] = (
-    *llama.TEMPLATES, *qwen.TEMPLATES, *gemma.TEMPLATES, *phi.TEMPLATES, *deepseek.TEMPLATES,
+    *llama.TEMPLATES, *qwen.TEMPLATES, *qwen3_5.TEMPLATES, *gemma.TEMPLATES, *gemma4.TEMPLATES,
+    *phi.TEMPLATES, *deepseek.TEMPLATES, *gpt_oss.TEMPLATES, *mistral.TEMPLATES,
+    *glm.TEMPLATES, *nemotron.TEMPLATES, *olmo.TEMPLATES, *lfm.TEMPLATES,
     *chatml.TEMPLATES,
 )
 

@@ -1,5 +1,12 @@
-"""DeepSeek-V3: full-width bar tokens (``<｜User｜>``, ``<｜Assistant｜>``), tool calls as
-fenced JSON, ``</think>`` reasoning dropped from earlier turns."""
+"""DeepSeek-V3 and the DeepSeek-R1-Distill models: full-width bar tokens (``<｜User｜>``,
+``<｜Assistant｜>``), ``</think>`` reasoning dropped from every assistant turn.
+
+DeepSeek-V3 (DeepSeek-R1's template) writes tool calls as fenced JSON. The R1-Distill template
+(the Qwen- and Llama-based distills ship the same text) cannot express tool calls through
+``transformers`` at all: its tool-call branch needs ``content`` to be ``None``, a key
+``apply_chat_template`` drops, and with any other content the calls are left out. It also
+ignores ``tools`` and keeps only the last system message, so all three are refused.
+"""
 
 from __future__ import annotations
 
@@ -47,4 +54,28 @@ DEEPSEEK_V3 = ChatTemplate(
     checks=(_string_tool_calls,),
 )
 
-TEMPLATES = (DEEPSEEK_V3,)
+DEEPSEEK_R1_DISTILL = ChatTemplate(
+    name="deepseek-r1-distill",
+    aliases=("deepseek-r1-distill-qwen", "deepseek-r1-distill-llama", "r1-distill"),
+    description=(
+        "DeepSeek-R1-Distill-Qwen / -Llama: <｜User｜>/<｜Assistant｜> turns, generation prompt "
+        "opening a <think> block.\n"
+        "The template keeps only what follows </think> in every assistant turn, so reasoning "
+        "cannot be trained with it (a reasoning field is refused, a <think> block in the "
+        "content stops preparation with reasoning_dropped); no tools, no tool calls."),
+    source=load("deepseek_r1_distill.jinja"),
+    bos_token="<｜begin▁of▁sentence｜>", eos_token=EOS, end_of_turn=EOS, stop_tokens=(EOS,),
+    renders_bos=True,
+    # the checkpoints pad with their end of sentence; train with an unused token the vocabulary
+    # has: <｜▁pad▁｜> or <|finetune_right_pad_id|> (Llama distills), <|fim_pad|> or
+    # <|vision_pad|> (Qwen distills)
+    pad_fallbacks=("<｜▁pad▁｜>", "<|finetune_right_pad_id|>", "<|fim_pad|>", "<|vision_pad|>"),
+    fingerprints=(Fingerprint(
+        "56a1447ad31926fdc21fb07e56e5642bd9c850c4f52d8c8af7bbe5f079a84f5f",
+        "DeepSeek-R1-Distill (Qwen and Llama), official template"),),
+    fixes=("marks each assistant turn (content after </think>, plus the end-of-sentence token) "
+           "with {% generation %}",
+           "renders its BOS itself: tokenize with add_special_tokens=False (no double BOS)"),
+)
+
+TEMPLATES = (DEEPSEEK_V3, DEEPSEEK_R1_DISTILL)

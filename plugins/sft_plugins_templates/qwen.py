@@ -1,10 +1,13 @@
-"""Qwen2.5 and Qwen3 Instruct: ChatML with a default system prompt (2.5), tool calls in
-``<tool_call>`` tags and, for Qwen3, ``<think>`` blocks (``enable_thinking`` on or off)."""
+"""Qwen2.5, Qwen3 and Qwen3-Instruct-2507: ChatML with a default system prompt (2.5), tool
+calls as JSON in ``<tool_call>`` tags and, for the hybrid Qwen3, ``<think>`` blocks
+(``enable_thinking`` on or off). Qwen 3.5 and 3.6 live in :mod:`sft_plugins_templates.qwen3_5`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sft_plugins.errors import ConversationError
 from sft_plugins.templates import ChatTemplate, Fingerprint
 from sft_plugins_templates._sources import load
 
@@ -46,4 +49,34 @@ QWEN3 = ChatTemplate(
     **_COMMON,
 )
 
-TEMPLATES = (QWEN2_5, QWEN3)
+
+def _arguments_given(messages: Sequence[Mapping[str, Any]], tools: Any) -> None:
+    """The template writes a call's arguments as they are (a JSON string) or as JSON (an
+    object); a call without them fails inside the template."""
+    for index, message in enumerate(messages):
+        for call in message.get("tool_calls") or ():
+            if "arguments" not in call["function"]:
+                raise ConversationError(
+                    f"qwen3-instruct-2507: message {index}: each tool call needs 'arguments' "
+                    "(an object or a JSON string; {} when the tool takes none)",
+                    message_index=index, rule="tool-call-arguments")
+
+
+QWEN3_INSTRUCT_2507 = ChatTemplate(
+    name="qwen3-instruct-2507",
+    aliases=("qwen3-2507", "qwen3_instruct_2507"),
+    description=(
+        "Qwen3-*-Instruct-2507 (non-thinking): ChatML, <tool_call> JSON tool calls, no "
+        "default system prompt.\n"
+        "The template has no reasoning: a turn's reasoning field is refused (no-reasoning); a "
+        "<think> block written in the content is rendered and trained as plain text."),
+    source=load("qwen3_instruct_2507.jinja"),
+    fingerprints=(Fingerprint(
+        "64f85b198065d0fba2a81f37e10ed68161ce2c19a754c7100e67e0ca2ee9c326",
+        "Qwen3-Instruct-2507, official template"),),
+    fixes=("marks each assistant turn (content, tool calls, <|im_end|>) with {% generation %}",),
+    checks=(_arguments_given,),
+    **_COMMON,
+)
+
+TEMPLATES = (QWEN2_5, QWEN3, QWEN3_INSTRUCT_2507)
