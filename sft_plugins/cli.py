@@ -95,8 +95,9 @@ def list_command(as_json: bool) -> None:
         table.add_column("plugin", overflow="fold")
         table.add_column("description", ratio=1)
         for row in listing[kind]:
-            table.add_row(str(row["name"]), ", ".join(row["aliases"]),  # type: ignore[arg-type]
-                          str(row["plugin"]), str(row["description"]))
+            table.add_row(*(escape(text) for text in (  # template text such as [/INST]
+                str(row["name"]), ", ".join(row["aliases"]),  # type: ignore[arg-type]
+                str(row["plugin"]), str(row["description"]))))
         console.print(table)
     for error in listing["errors"]:
         console.print(f"[bold red]broken plugin[/] {escape(str(error['plugin']))}: "
