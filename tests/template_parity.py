@@ -4,18 +4,28 @@ conversation strategies and the three checks (see ``test_templates_parity.py``).
 A family module ``test_templates_parity_<group>.py`` defines ``FAMILIES`` (family name ->
 fixture file) and its own ``case`` strategy, and calls ``check_parity``;
 ``test_every_registered_family_has_a_parity_test`` collects ``FAMILIES`` from every such module.
+The group modules also share how they train a family: :func:`shipped_tokenizer` with the
+family's tokens, :func:`prepare_rows` and :func:`trained_text`, and the two reasoning turns.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
+from sft_plugins.data import load_sft_dataset
+from sft_plugins.loss import IGNORE_INDEX
+from sft_plugins.masking import PreparedDataset
 from sft_plugins.templates import ChatTemplate, RenderedConversation
+from sft_plugins.testing import plugin_manager
 
 OFFICIAL_TEMPLATES = Path(__file__).parent / "fixtures" / "official_templates"
 """The publishers' templates, byte for byte (provenance in its README.md)."""
@@ -25,8 +35,57 @@ PARITY = settings(max_examples=PARITY_EXAMPLES, deadline=None, derandomize=True,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+MANAGER = plugin_manager("sft_plugins_templates", "sft_plugins_collators")
+
+
 def official_text(filename: str) -> str:
     return (OFFICIAL_TEMPLATES / filename).read_text()
+
+
+def template(name: str) -> ChatTemplate:
+    """A first-party template by name."""
+    return MANAGER.templates.get(name)
+
+
+# ------------------------------------------------------------------------ training a family
+
+def shipped_tokenizer(special_tokens: Iterable[str] = ()) -> Any:
+    """The shipped tokenizer with ``special_tokens`` added, as a family's own tokenizer has
+    them."""
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    return tokenizer
+
+
+def prepare_rows(tmp_path: Path, tokenizer: Any, chat: ChatTemplate, rows: list[dict[str, Any]],
+                 collator: str, **options: Any) -> PreparedDataset:
+    """``rows`` as a user gives them: a JSON Lines file, loaded and validated with ``chat``,
+    prepared by ``collator`` (with ``options``) on ``tokenizer`` configured by ``chat``."""
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat.configure_tokenizer(tokenizer)
+    data = load_sft_dataset(str(path), template=chat)
+    return MANAGER.collators.create(collator, **options).prepare(data.train, tokenizer, chat,
+                                                                 desc=None)
+
+
+def trained_text(tokenizer: Any, row: dict[str, Any]) -> str:
+    """The text of a prepared row's tokens that carry loss."""
+    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True)
+                             if label != IGNORE_INDEX])
+
+
+def turn(question: str, reasoning: str, answer: str, key: str = "reasoning_content"
+         ) -> list[dict[str, Any]]:
+    """A user question and an answer whose reasoning is under ``key``."""
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": answer, key: reasoning}]
+
+
+ONE_TURN = {"messages": turn("2+2?", "Two and two make four.", "4")}
+TWO_TURNS = {"messages": [*turn("2+2?", "Two and two make four.", "4"),
+                          *turn("3+3?", "Three and three make six.", "6")]}
+"""Reasoning on both answers: a template that keeps only the last turn's drops the first's."""
 
 
 # --------------------------------------------------------------------------- strategies

@@ -14,27 +14,16 @@ from typing import Any
 
 import datasets.config
 import pytest
+from template_parity import ONE_TURN, TWO_TURNS, prepare_rows, trained_text, turn
 from transformers import AutoTokenizer
 
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 from sft_plugins.data import load_sft_dataset, messages_from_row
 from sft_plugins.errors import DataError, MaskingError
-from sft_plugins.loss import IGNORE_INDEX
 from sft_plugins.testing import plugin_manager
 
 MANAGER = plugin_manager("sft_plugins_templates", "sft_plugins_collators")
 QWEN3 = MANAGER.templates.get("qwen3")
-
-
-def turn(question: str, reasoning: str, answer: str, key: str = "reasoning_content"
-         ) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": question},
-            {"role": "assistant", "content": answer, key: reasoning}]
-
-
-ONE_TURN = {"messages": turn("2+2?", "Two and two make four.", "4")}
-TWO_TURNS = {"messages": [*turn("2+2?", "Two and two make four.", "4"),
-                          *turn("3+3?", "Three and three make six.", "6")]}
 
 
 @pytest.fixture(autouse=True)
@@ -86,20 +75,8 @@ def test_reasoning_belongs_to_assistant_messages(tmp_path: Path) -> None:
         load_sft_dataset(str(write(tmp_path / "r.jsonl", [row])), template=QWEN3)
 
 
-def trained_text(tokenizer: Any, row: dict[str, Any]) -> str:
-    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True)
-                             if label != IGNORE_INDEX])
-
-
-def prepare(tmp_path: Path, tokenizer: Any, rows: list[dict[str, Any]], collator: str,
-            **options: Any) -> Any:
-    data = load_sft_dataset(str(write(tmp_path / "train.jsonl", rows)), template=QWEN3)
-    return MANAGER.collators.create(collator, **options).prepare(data.train, tokenizer, QWEN3,
-                                                                 desc=None)
-
-
 def test_a_turn_with_its_reasoning_is_trained_with_it(tmp_path: Path, tokenizer: Any) -> None:
-    prepared = prepare(tmp_path, tokenizer, [ONE_TURN], "assistant-only")
+    prepared = prepare_rows(tmp_path, tokenizer, QWEN3, [ONE_TURN], "assistant-only")
     assert trained_text(tokenizer, prepared.dataset[0]) == \
         "<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>"
 
@@ -108,11 +85,11 @@ def test_a_turn_whose_reasoning_the_template_drops_is_not_trained_in_silence(
         tmp_path: Path, tokenizer: Any) -> None:
     with pytest.raises(MaskingError, match=r"train\.jsonl:1: .*message 1 is trained, but .*"
                                            r"without its reasoning.*last-turn"):
-        prepare(tmp_path, tokenizer, [TWO_TURNS], "assistant-only")
-    skipped = prepare(tmp_path, tokenizer, [TWO_TURNS, ONE_TURN], "assistant-only",
+        prepare_rows(tmp_path, tokenizer, QWEN3, [TWO_TURNS], "assistant-only")
+    skipped = prepare_rows(tmp_path, tokenizer, QWEN3, [TWO_TURNS, ONE_TURN], "assistant-only",
                       on_bad_example="skip")
     assert skipped.report.skipped == {"reasoning_dropped": 1} and skipped.report.kept == 1
-    last = prepare(tmp_path, tokenizer, [TWO_TURNS], "last-turn")
+    last = prepare_rows(tmp_path, tokenizer, QWEN3, [TWO_TURNS], "last-turn")
     assert trained_text(tokenizer, last.dataset[0]) == \
         "<think>\nThree and three make six.\n</think>\n\n6<|im_end|>"
 
@@ -122,7 +99,7 @@ def test_without_reasoning_in_earlier_turns_every_turn_trains(tmp_path: Path,
     plain = {"messages": [{"role": "user", "content": "2+2?"},
                           {"role": "assistant", "content": "4"},
                           *turn("3+3?", "Three and three make six.", "6")]}
-    prepared = prepare(tmp_path, tokenizer, [plain], "assistant-only")
+    prepared = prepare_rows(tmp_path, tokenizer, QWEN3, [plain], "assistant-only")
     assert trained_text(tokenizer, prepared.dataset[0]) == \
         "4<|im_end|><think>\nThree and three make six.\n</think>\n\n6<|im_end|>"
 
@@ -137,10 +114,10 @@ def test_a_think_block_in_the_content_counts_as_reasoning(tmp_path: Path,
                            {"role": "assistant", "content": first},
                            {"role": "user", "content": "3+3?"},
                            {"role": "assistant", "content": second}]}
-    skipped = prepare(tmp_path, tokenizer, [inline, ONE_TURN], "assistant-only",
+    skipped = prepare_rows(tmp_path, tokenizer, QWEN3, [inline, ONE_TURN], "assistant-only",
                       on_bad_example="skip")
     assert skipped.report.skipped == {"reasoning_dropped": 1}
-    last = prepare(tmp_path, tokenizer, [inline], "last-turn")
+    last = prepare_rows(tmp_path, tokenizer, QWEN3, [inline], "last-turn")
     assert "Three and three." in trained_text(tokenizer, last.dataset[0])
 
 

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from template_parity import (
+    MANAGER,
     NAMES,
     OFFICIAL_TEMPLATES,
     PARITY,
@@ -34,16 +35,17 @@ from template_parity import (
     check_parity,
     conversation,
     official_text,
+    prepare_rows,
+    shipped_tokenizer,
+    template,
+    trained_text,
 )
 from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
-from sft_plugins.data import load_sft_dataset
 from sft_plugins.errors import ConversationError, MaskingError
-from sft_plugins.loss import IGNORE_INDEX
 from sft_plugins.templates import ChatTemplate
-from sft_plugins.testing import plugin_manager
 
 FAMILIES = {
     "gemma-4": "gemma4_v4.jinja",
@@ -61,16 +63,11 @@ OLDER_VERSIONS = {
 (LFM2.5's first text reads reasoning from ``thinking`` only, which ``transformers`` fills from
 ``reasoning_content``: no bug where it renders)."""
 
-MANAGER = plugin_manager("sft_plugins_templates", "sft_plugins_collators")
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-
-
-def template(name: str) -> ChatTemplate:
-    return MANAGER.templates.get(name)
 
 
 def official_render(filename: str, messages: list[dict[str, Any]], **options: Any) -> str:
@@ -447,27 +444,13 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def family_tokenizer(chat: ChatTemplate) -> Any:
     """The shipped tokenizer with the family's special tokens, configured by the template."""
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
     tokens = {*chat.special_tokens, "<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>",
               "<|turn>", "<|im_start|>"}
-    tokenizer.add_special_tokens({"additional_special_tokens": sorted(tokens)})
+    tokenizer = shipped_tokenizer(sorted(tokens))
     chat.configure_tokenizer(tokenizer)
     return tokenizer
 
 
-def prepare(tmp_path: Path, chat: ChatTemplate, rows: list[dict[str, Any]], collator: str,
-            **options: Any) -> Any:
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = load_sft_dataset(str(path), template=chat)
-    return MANAGER.collators.create(collator, **options).prepare(
-        data.train, family_tokenizer(chat), chat, desc=None)
-
-
-def trained_text(chat: ChatTemplate, row: dict[str, Any]) -> str:
-    tokenizer = family_tokenizer(chat)
-    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True)
-                             if label != IGNORE_INDEX])
 
 
 def gemma_round(question: str, reasoning: str, answer: str) -> list[dict[str, Any]]:
@@ -495,19 +478,22 @@ def test_reasoning_of_an_earlier_turn_is_not_trained_in_silence(
     """Both templates keep the reasoning of the turns after the last user message only: such a
     row stops preparation, or is skipped, and expanded, every turn trains with its reasoning."""
     chat = template(family)
+    tokenizer = family_tokenizer(chat)
     with pytest.raises(MaskingError, match="reasoning"):
-        prepare(tmp_path, chat, [row], "assistant-only")
-    skipped = prepare(tmp_path, chat, [row], "assistant-only", on_bad_example="skip")
+        prepare_rows(tmp_path, tokenizer, chat, [row], "assistant-only")
+    skipped = prepare_rows(tmp_path, tokenizer, chat, [row], "assistant-only",
+                           on_bad_example="skip")
     assert skipped.report.skipped == {"reasoning_dropped": 1}
-    expanded = prepare(tmp_path, chat, [row], "assistant-only", expand="reasoning")
-    assert all(reasoning in "".join(trained_text(chat, r) for r in expanded.dataset)
+    expanded = prepare_rows(tmp_path, tokenizer, chat, [row], "assistant-only", expand="reasoning")
+    assert all(reasoning in "".join(trained_text(tokenizer, r) for r in expanded.dataset)
                for reasoning in (first, last))
 
 
 def test_lfm2_5_keeps_every_turns_reasoning_when_asked(tmp_path: Path) -> None:
     chat = template("lfm2.5").with_variables({"preserve_thinking": True})
-    prepared = prepare(tmp_path, chat, [LFM_TWO_TURNS], "assistant-only")
-    text = trained_text(chat, prepared.dataset[0])
+    tokenizer = family_tokenizer(chat)
+    prepared = prepare_rows(tmp_path, tokenizer, chat, [LFM_TWO_TURNS], "assistant-only")
+    text = trained_text(tokenizer, prepared.dataset[0])
     assert "Two and two make four." in text and "Three and three make six." in text
 
 
@@ -515,6 +501,7 @@ def test_olmo_3_trains_inline_reasoning_in_every_turn(tmp_path: Path) -> None:
     row = {"messages": [ask("2+2?"), {"role": "assistant", "content": "<think>Two.</think>4"},
                         ask("3+3?"), {"role": "assistant", "content": "<think>Three.</think>6"}]}
     chat = template("olmo-3")
-    prepared = prepare(tmp_path, chat, [row], "assistant-only")
-    assert trained_text(chat, prepared.dataset[0]) == \
+    tokenizer = family_tokenizer(chat)
+    prepared = prepare_rows(tmp_path, tokenizer, chat, [row], "assistant-only")
+    assert trained_text(tokenizer, prepared.dataset[0]) == \
         "<think>Two.</think>4<|im_end|><think>Three.</think>6<|endoftext|>"

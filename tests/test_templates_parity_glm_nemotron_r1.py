@@ -16,7 +16,6 @@ R1-Distill ones are plain chats whose answers may hold a ``<think>`` block.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from template_parity import (
     ARGS,
+    MANAGER,
     NAMES,
     OFFICIAL_TEMPLATES,
     PARITY,
@@ -35,15 +35,16 @@ from template_parity import (
     check_parity,
     conversation,
     official_text,
+    prepare_rows,
+    shipped_tokenizer,
+    template,
+    trained_text,
 )
 from transformers import AutoTokenizer
 
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
-from sft_plugins.data import load_sft_dataset
 from sft_plugins.errors import ConversationError, MaskingError
-from sft_plugins.loss import IGNORE_INDEX
 from sft_plugins.templates import ChatTemplate
-from sft_plugins.testing import plugin_manager
 
 FAMILIES = {
     "glm-4-moe": "glm4moe.jinja",
@@ -58,7 +59,6 @@ GLM_4_6 = "glm4_6.jinja"
 NEMOTRON = ["nemotron-3-nano", "nemotron-3-super", "nemotron-3-ultra", "nemotron-3.5-lightning"]
 EFFORT_FLAG = {"nemotron-3-super": "low_effort", "nemotron-3-ultra": "medium_effort"}
 
-MANAGER = plugin_manager("sft_plugins_templates", "sft_plugins_collators")
 
 GLM_CLOSED_LAST_TURN = (
     "{%- if not add_generation_prompt and messages[-1].role == 'assistant' %}<|user|>{% endif %}")
@@ -68,10 +68,6 @@ GLM_CLOSED_LAST_TURN = (
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-
-
-def template(name: str) -> ChatTemplate:
-    return MANAGER.templates.get(name)
 
 
 def official_source(family: str) -> str:
@@ -340,26 +336,12 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def family_tokenizer(chat: ChatTemplate) -> Any:
     """The shipped tokenizer with the family's special tokens, configured by the template."""
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
     tokens = {*chat.special_tokens, *chat.pad_fallbacks[:1]}
-    tokenizer.add_special_tokens({"additional_special_tokens": sorted(tokens)})
+    tokenizer = shipped_tokenizer(sorted(tokens))
     chat.configure_tokenizer(tokenizer)
     return tokenizer
 
 
-def prepare(tmp_path: Path, chat: ChatTemplate, rows: list[dict[str, Any]], collator: str,
-            **options: Any) -> Any:
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = load_sft_dataset(str(path), template=chat)
-    return MANAGER.collators.create(collator, **options).prepare(
-        data.train, family_tokenizer(chat), chat, desc=None)
-
-
-def trained_text(chat: ChatTemplate, row: dict[str, Any]) -> str:
-    tokenizer = family_tokenizer(chat)
-    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True)
-                             if label != IGNORE_INDEX])
 
 
 def two_turns(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
@@ -378,31 +360,35 @@ def test_reasoning_of_an_earlier_turn_is_not_trained_in_silence(family: str,
                                                                  tmp_path: Path) -> None:
     """These templates keep the reasoning of the turns after the last user message only."""
     chat = template(family)
+    tokenizer = family_tokenizer(chat)
     for row in (REASONING_BOTH, INLINE_BOTH):
         with pytest.raises(MaskingError, match="reasoning"):
-            prepare(tmp_path, chat, [row], "assistant-only")
-        skipped = prepare(tmp_path, chat, [row], "assistant-only", on_bad_example="skip")
+            prepare_rows(tmp_path, tokenizer, chat, [row], "assistant-only")
+        skipped = prepare_rows(tmp_path, tokenizer, chat, [row], "assistant-only",
+                               on_bad_example="skip")
         assert skipped.report.skipped == {"reasoning_dropped": 1}
-    last = prepare(tmp_path, chat, [REASONING_BOTH], "last-turn")
-    assert "Three and three make six." in trained_text(chat, last.dataset[0])
+    last = prepare_rows(tmp_path, tokenizer, chat, [REASONING_BOTH], "last-turn")
+    assert "Three and three make six." in trained_text(tokenizer, last.dataset[0])
 
 
 @pytest.mark.parametrize("family", NEMOTRON)
 def test_nemotron_keeps_every_turns_reasoning_when_asked(family: str, tmp_path: Path) -> None:
     chat = template(family).with_variables({"truncate_history_thinking": False})
-    prepared = prepare(tmp_path, chat, [REASONING_BOTH], "assistant-only")
-    text = trained_text(chat, prepared.dataset[0])
+    tokenizer = family_tokenizer(chat)
+    prepared = prepare_rows(tmp_path, tokenizer, chat, [REASONING_BOTH], "assistant-only")
+    text = trained_text(tokenizer, prepared.dataset[0])
     assert "Two and two make four." in text and "Three and three make six." in text
 
 
 def test_r1_distill_drops_inline_reasoning_from_every_turn(tmp_path: Path) -> None:
     chat = template("deepseek-r1-distill")
+    tokenizer = family_tokenizer(chat)
     one = {"messages": [{"role": "user", "content": "2+2?"},
                         {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\n4"}]}
     assert "Two and two." not in chat.render_text(one["messages"])
     with pytest.raises(MaskingError, match="reasoning"):
-        prepare(tmp_path, chat, [one], "last-turn")
+        prepare_rows(tmp_path, tokenizer, chat, [one], "last-turn")
     plain = {"messages": [{"role": "user", "content": "2+2?"},
                           {"role": "assistant", "content": "4"}]}
-    prepared = prepare(tmp_path, chat, [plain], "assistant-only")
-    assert trained_text(chat, prepared.dataset[0]) == "4<｜end▁of▁sentence｜>"
+    prepared = prepare_rows(tmp_path, tokenizer, chat, [plain], "assistant-only")
+    assert trained_text(tokenizer, prepared.dataset[0]) == "4<｜end▁of▁sentence｜>"

@@ -15,7 +15,6 @@ refuses since the template drops it from every training example.
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 from typing import Any
@@ -26,37 +25,36 @@ from hypothesis import given
 from hypothesis import strategies as st
 from template_parity import (
     ARGS,
+    MANAGER,
     NAMES,
     OFFICIAL_TEMPLATES,
+    ONE_TURN,
     PARITY,
     TEXT,
     TOOLS,
+    TWO_TURNS,
     call,
     check_parity,
     conversation,
     official_text,
+    prepare_rows,
+    shipped_tokenizer,
+    template,
+    trained_text,
 )
 from transformers import AutoTokenizer
 
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
-from sft_plugins.data import load_sft_dataset
 from sft_plugins.errors import ConversationError, MaskingError
-from sft_plugins.loss import IGNORE_INDEX
-from sft_plugins.templates import ChatTemplate, RenderedConversation
-from sft_plugins.testing import plugin_manager
+from sft_plugins.templates import RenderedConversation
 
 FAMILIES = {"gpt-oss": "gptoss.jinja", "mistral": "mistral.jinja"}
 
-MANAGER = plugin_manager("sft_plugins_templates", "sft_plugins_collators")
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-
-
-def template(name: str) -> ChatTemplate:
-    return MANAGER.templates.get(name)
 
 
 # --------------------------------------------------------------------------- strategies
@@ -361,44 +359,21 @@ HARMONY_TOKENS = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|retur
                   "<|constrain|>", "<|startoftext|>", "<|endoftext|>"]
 
 
-def turn(question: str, reasoning: str, answer: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": question},
-            {"role": "assistant", "content": answer, "reasoning_content": reasoning}]
-
-
-TWO_TURNS = {"messages": [*turn("2+2?", "Two and two make four.", "4"),
-                          *turn("3+3?", "Three and three make six.", "6")]}
-
-
 @pytest.fixture
 def harmony_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The shipped tokenizer with harmony's special tokens (and a data cache of its own)."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-    tokenizer.add_special_tokens({"additional_special_tokens": HARMONY_TOKENS})
-    return tokenizer
+    return shipped_tokenizer(HARMONY_TOKENS)
 
 
-def prepare(tmp_path: Path, tokenizer: Any, rows: list[dict[str, Any]], collator: str,
-            **options: Any) -> Any:
-    ours = template("gpt-oss").with_variables({"reasoning_effort": "low"})
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ours.configure_tokenizer(tokenizer)
-    data = load_sft_dataset(str(path), template=ours)
-    return MANAGER.collators.create(collator, **options).prepare(data.train, tokenizer, ours,
-                                                                 desc=None)
-
-
-def trained_text(tokenizer: Any, row: dict[str, Any]) -> str:
-    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True)
-                             if label != IGNORE_INDEX])
+LOW_EFFORT = template("gpt-oss").with_variables({"reasoning_effort": "low"})
+"""gpt-oss as the reasoning tests train it."""
 
 
 def test_gpt_oss_trains_the_last_answer_with_its_analysis(tmp_path: Path,
                                                           harmony_tokenizer: Any) -> None:
-    prepared = prepare(tmp_path, harmony_tokenizer, [{"messages": TWO_TURNS["messages"][2:]}],
-                       "assistant-only")
+    prepared = prepare_rows(tmp_path, harmony_tokenizer, LOW_EFFORT,
+                            [{"messages": TWO_TURNS["messages"][2:]}], "assistant-only")
     assert trained_text(harmony_tokenizer, prepared.dataset[0]) == (
         "<|channel|>analysis<|message|>Three and three make six.<|end|>"
         "<|start|>assistant<|channel|>final<|message|>6<|return|>")
@@ -408,12 +383,11 @@ def test_gpt_oss_trains_the_last_answer_with_its_analysis(tmp_path: Path,
 def test_gpt_oss_reasoning_of_an_earlier_answer_is_not_trained_in_silence(
         tmp_path: Path, harmony_tokenizer: Any) -> None:
     with pytest.raises(MaskingError, match=r"message 1 is trained, but .*without its reasoning"):
-        prepare(tmp_path, harmony_tokenizer, [TWO_TURNS], "assistant-only")
-    one_turn = {"messages": turn("2+2?", "Two and two make four.", "4")}
-    skipped = prepare(tmp_path, harmony_tokenizer, [TWO_TURNS, one_turn], "assistant-only",
-                      on_bad_example="skip")
+        prepare_rows(tmp_path, harmony_tokenizer, LOW_EFFORT, [TWO_TURNS], "assistant-only")
+    skipped = prepare_rows(tmp_path, harmony_tokenizer, LOW_EFFORT, [TWO_TURNS, ONE_TURN],
+                           "assistant-only", on_bad_example="skip")
     assert skipped.report.skipped == {"reasoning_dropped": 1} and skipped.report.kept == 1
-    last = prepare(tmp_path, harmony_tokenizer, [TWO_TURNS], "last-turn")
+    last = prepare_rows(tmp_path, harmony_tokenizer, LOW_EFFORT, [TWO_TURNS], "last-turn")
     assert trained_text(harmony_tokenizer, last.dataset[0]) == (
         "<|channel|>analysis<|message|>Three and three make six.<|end|>"
         "<|start|>assistant<|channel|>final<|message|>6<|return|>")
@@ -425,9 +399,9 @@ def test_gpt_oss_reasoning_of_a_tool_call_an_answer_follows_is_not_trained_in_si
     thinking_call = calling(reasoning_content="I need the weather.")
     answered = {"messages": [USER, thinking_call, result(), ANSWER]}
     with pytest.raises(MaskingError, match=r"message 1 is trained, but .*without its reasoning"):
-        prepare(tmp_path, harmony_tokenizer, [answered], "assistant-only")
-    pending = prepare(tmp_path, harmony_tokenizer, [{"messages": [USER, thinking_call]}],
-                      "assistant-only")
+        prepare_rows(tmp_path, harmony_tokenizer, LOW_EFFORT, [answered], "assistant-only")
+    pending = prepare_rows(tmp_path, harmony_tokenizer, LOW_EFFORT,
+                           [{"messages": [USER, thinking_call]}], "assistant-only")
     assert trained_text(harmony_tokenizer, pending.dataset[0]) == (
         "<|channel|>analysis<|message|>I need the weather.<|end|><|start|>assistant"
         ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}'
@@ -438,7 +412,8 @@ def test_gpt_oss_expanded_trains_every_answer_as_the_model_generates_it(
         tmp_path: Path, harmony_tokenizer: Any) -> None:
     """With ``expand=all`` each answer is the last of its own example: trained with its analysis
     and closed by ``<|return|>``, not rendered as history."""
-    expanded = prepare(tmp_path, harmony_tokenizer, [TWO_TURNS], "assistant-only", expand="all")
+    expanded = prepare_rows(tmp_path, harmony_tokenizer, LOW_EFFORT, [TWO_TURNS], "assistant-only",
+                            expand="all")
     assert [trained_text(harmony_tokenizer, row) for row in expanded.dataset] == [
         "<|channel|>analysis<|message|>Two and two make four.<|end|>"
         "<|start|>assistant<|channel|>final<|message|>4<|return|>",

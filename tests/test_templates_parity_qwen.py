@@ -22,25 +22,28 @@ from hypothesis import given
 from hypothesis import strategies as st
 from template_parity import (
     ARGS,
+    MANAGER,
     NAMES,
     OFFICIAL_TEMPLATES,
+    ONE_TURN,
     PARITY,
     TEXT,
     TOOLS,
+    TWO_TURNS,
     call,
     check_parity,
     conversation,
     official_text,
+    prepare_rows,
+    shipped_tokenizer,
+    template,
+    trained_text,
 )
 from transformers import AutoTokenizer
 
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
-from sft_plugins.data import load_sft_dataset
 from sft_plugins.errors import ConversationError, MaskingError, TemplateError
-from sft_plugins.loss import IGNORE_INDEX
 from sft_plugins.masking import render_example
-from sft_plugins.templates import ChatTemplate
-from sft_plugins.testing import plugin_manager
 
 FAMILIES = {
     "qwen3-instruct-2507": "qwen3_instruct_2507.jinja",
@@ -55,16 +58,11 @@ SPLITTING = HERMES[:3]
 """Those that take a ``<think>`` block out of the content as the turn's reasoning (not 3.8)."""
 NO_THINK_TAG = TEXT.filter(lambda text: "</think>" not in text)
 
-MANAGER = plugin_manager("sft_plugins_templates", "sft_plugins_collators")
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-
-
-def template(name: str) -> ChatTemplate:
-    return MANAGER.templates.get(name)
 
 
 # --------------------------------------------------------------------------- strategies
@@ -316,38 +314,11 @@ def test_qwen3_5_writes_python_literals_and_qwen3_6_json_for_argument_values() -
 
 # ------------------------------------------------------------------------------ reasoning
 
-def turn(question: str, reasoning: str, answer: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": question},
-            {"role": "assistant", "content": answer, "reasoning_content": reasoning}]
-
-
-TWO_TURNS = {"messages": [*turn("2+2?", "Two and two make four.", "4"),
-                          *turn("3+3?", "Three and three make six.", "6")]}
-
-
 @pytest.fixture
 def qwen_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The shipped tokenizer with Qwen's special tokens (and a data cache of its own)."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-    tokenizer.add_special_tokens({"additional_special_tokens": [
-        "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_pad|>"]})
-    return tokenizer
-
-
-def prepare(tmp_path: Path, tokenizer: Any, ours: ChatTemplate, rows: list[dict[str, Any]],
-            collator: str, **options: Any) -> Any:
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ours.configure_tokenizer(tokenizer)
-    data = load_sft_dataset(str(path), template=ours)
-    return MANAGER.collators.create(collator, **options).prepare(data.train, tokenizer, ours,
-                                                                 desc=None)
-
-
-def trained_text(tokenizer: Any, row: dict[str, Any]) -> str:
-    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True)
-                             if label != IGNORE_INDEX])
+    return shipped_tokenizer(["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_pad|>"])
 
 
 @pytest.mark.parametrize("family", HERMES)
@@ -357,12 +328,11 @@ def test_reasoning_of_an_earlier_turn_is_not_trained_in_silence(
     if family == "qwen3.8":  # it keeps every turn's reasoning unless told not to
         ours = ours.with_variables({"preserve_thinking": False})
     with pytest.raises(MaskingError, match=r"message 1 is trained, but .*without its reasoning"):
-        prepare(tmp_path, qwen_tokenizer, ours, [TWO_TURNS], "assistant-only")
-    one_turn = {"messages": turn("2+2?", "Two and two make four.", "4")}
-    skipped = prepare(tmp_path, qwen_tokenizer, ours, [TWO_TURNS, one_turn], "assistant-only",
+        prepare_rows(tmp_path, qwen_tokenizer, ours, [TWO_TURNS], "assistant-only")
+    skipped = prepare_rows(tmp_path, qwen_tokenizer, ours, [TWO_TURNS, ONE_TURN], "assistant-only",
                       on_bad_example="skip")
     assert skipped.report.skipped == {"reasoning_dropped": 1} and skipped.report.kept == 1
-    last = prepare(tmp_path, qwen_tokenizer, ours, [TWO_TURNS], "last-turn")
+    last = prepare_rows(tmp_path, qwen_tokenizer, ours, [TWO_TURNS], "last-turn")
     assert trained_text(qwen_tokenizer, last.dataset[0]) == \
         "<think>\nThree and three make six.\n</think>\n\n6<|im_end|>"
 
@@ -374,7 +344,7 @@ def test_preserve_thinking_trains_every_turns_reasoning(
     ours = template(family)
     if family == "qwen3.6":
         ours = ours.with_variables({"preserve_thinking": True})
-    prepared = prepare(tmp_path, qwen_tokenizer, ours, [TWO_TURNS], "assistant-only")
+    prepared = prepare_rows(tmp_path, qwen_tokenizer, ours, [TWO_TURNS], "assistant-only")
     assert trained_text(qwen_tokenizer, prepared.dataset[0]) == (
         "<think>\nTwo and two make four.\n</think>\n\n4<|im_end|>"
         "<think>\nThree and three make six.\n</think>\n\n6<|im_end|>")
