@@ -128,13 +128,16 @@ def _save(model: Any, directory: Path) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("family", sorted(official_sources()))
+OFFICIAL = official_sources()
+
+
+@pytest.mark.parametrize("family", sorted(OFFICIAL))
 def test_every_official_template_is_recognised_as_its_family(tmp_path: Path,
                                                              family: str) -> None:
     """doctor names the family of each publisher's template and reports no bug the family
     does not have: a generation prompt implicit in the user turn (Mistral's ``[/INST]``) is
     the design, not the day-one Llama bug."""
-    _, report = doctor(str(tokenizer_dir(tmp_path / "t", official_sources()[family])))
+    _, report = doctor(str(tokenizer_dir(tmp_path / "t", OFFICIAL[family])))
     assert report["family"] == family
     assert not {"known-bug", "modified-template", "unrecognised-template",
                 "ignores-add-generation-prompt", "template-fails"} & codes(report)
