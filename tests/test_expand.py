@@ -18,12 +18,10 @@ import pytest
 from datasets import Dataset
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from template_parity import PARITY, TEXT, special_tokens
+from template_parity import PARITY, TEXT, shipped_tokenizer, special_tokens
 from test_templates_parity import official_sources
 from test_templates_train import family_tokenizer
-from transformers import AutoTokenizer
 
-from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 from sft_plugins.errors import MaskingError, PluginOptionError, SkipExample
 from sft_plugins.loss import IGNORE_INDEX
 from sft_plugins.masking import Labelled, label_examples
@@ -151,9 +149,7 @@ PLAIN_TWO_TURNS = {"messages": [
 @pytest.fixture(scope="module")
 def qwen3() -> tuple[ChatTemplate, Any]:
     template = MANAGER.templates.get("qwen3")
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>",
-                                                                "<|endoftext|>"]})
+    tokenizer = shipped_tokenizer(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
     template.configure_tokenizer(tokenizer)
     return template, tokenizer
 

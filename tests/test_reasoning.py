@@ -14,10 +14,15 @@ from typing import Any
 
 import datasets.config
 import pytest
-from template_parity import ONE_TURN, TWO_TURNS, prepare_rows, trained_text, turn
-from transformers import AutoTokenizer
+from template_parity import (
+    ONE_TURN,
+    TWO_TURNS,
+    prepare_rows,
+    shipped_tokenizer,
+    trained_text,
+    turn,
+)
 
-from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 from sft_plugins.data import load_sft_dataset, messages_from_row
 from sft_plugins.errors import DataError, MaskingError
 from sft_plugins.testing import plugin_manager
@@ -34,9 +39,7 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     """The shipped tokenizer with Qwen's special tokens, configured by the qwen3 template."""
-    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>",
-                                                                "<|endoftext|>"]})
+    tokenizer = shipped_tokenizer(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
     QWEN3.configure_tokenizer(tokenizer)
     return tokenizer
 
