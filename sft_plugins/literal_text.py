@@ -62,7 +62,10 @@ def special_text(tokenizer: Any) -> SpecialText | None:
 
 def protect(value: Any, special: SpecialText) -> tuple[Any, list[str]]:
     """``value`` (a row: dicts, lists, strings) with each special-token string in its strings
-    replaced by a same-length placeholder, and the replaced strings in placeholder order."""
+    replaced by a same-length placeholder, and the replaced strings in placeholder order;
+    ``value`` itself when none of its strings holds one (nearly every row)."""
+    if not _holds_prefix(value, special.prefixes):
+        return value, []
     originals: list[str] = []
 
     def placeholder(match: re.Match[str]) -> str:
@@ -88,6 +91,26 @@ def protect(value: Any, special: SpecialText) -> tuple[Any, list[str]]:
         return item
 
     return walk(value), originals
+
+
+def _holds_prefix(value: Any, prefixes: tuple[str, ...]) -> bool:
+    """Whether a string anywhere in ``value`` (through the dicts, lists and tuples
+    :func:`protect` walks) may hold a special token: the cheap test that lets a row without
+    one through untouched instead of rebuilding it. The strings are searched joined by NUL
+    (one search per prefix), so a prefix can only straddle two of them if it holds a NUL
+    itself, and then the answer is only a needless "maybe"."""
+    strings: list[str] = []
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            strings.append(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    joined = "\0".join(strings)
+    return any(p in joined for p in prefixes)
 
 
 def restore(text: str, originals: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:

@@ -19,6 +19,7 @@ import copy
 import json
 import weakref
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -83,8 +84,9 @@ class ByteLevelSpans:
     Their tokens spell the UTF-8 bytes of the text exactly, so each token's byte length (a
     table over the vocabulary) and a running sum give every token's byte range. Tokenizing
     without offsets (``encode_batch_fast``) and a binary search per span boundary is about a
-    quarter cheaper than offsets and ``char_to_token``, and preparation is tokenizer-bound. An
-    example whose tokens do not add up to its byte length falls back to offsets.
+    quarter cheaper than offsets and ``char_to_token``, and preparation is tokenizer-bound
+    (:meth:`ranges_batch` does a whole batch in a few numpy calls). An example whose tokens do
+    not add up to its byte length falls back to offsets.
     """
 
     def __init__(self, lengths: np.ndarray) -> None:
@@ -110,27 +112,67 @@ class ByteLevelSpans:
                ) -> list[tuple[int, int]] | None:
         """Token ranges ``[a, b)`` touching each span, or ``None`` if the tokens do not spell
         the text byte for byte (then the caller uses offsets)."""
-        if not ids:
-            return None
-        token_lengths = self.lengths[ids]
-        ends = np.cumsum(token_lengths)
-        ascii_text = text.isascii()
-        if (len(text) if ascii_text else len(text.encode("utf-8"))) != ends[-1]:
-            return None
-        starts = ends - token_lengths
+        return self.ranges_batch([text], [ids], [spans])[0]
 
-        def byte(char: int) -> int:
-            return char if ascii_text else len(text[:char].encode("utf-8"))
+    def ranges_batch(self, texts: Sequence[str], ids: Sequence[list[int]],
+                     spans: Sequence[Sequence[WeightedSpan]]
+                     ) -> list[list[tuple[int, int]] | None]:
+        """:meth:`ranges` of many examples at once: one running sum over every token of the
+        batch and one binary search for every span boundary, rather than a few small numpy
+        calls per example (whose overhead was most of their cost).
 
-        ranges = []
-        for span in spans:
-            first = int(np.searchsorted(ends, byte(span.start), side="right"))
-            if span.end <= span.start:  # no character, no token
-                ranges.append((first, first))
+        Example ``i``'s tokens run from ``first[i]`` in the batch, its bytes from ``base[i]``;
+        a boundary at byte ``b`` of the example is searched at ``base[i] + b`` among all the
+        batch's tokens and counted back from ``first[i]``, capped at the example's token
+        count: the tokens before the example all end (and, non-empty, start) before
+        ``base[i]``, and those after it start at or past its last byte.
+        """
+        first = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)), out=first[1:])
+        token_lengths = self.lengths[np.fromiter(chain.from_iterable(ids), dtype=np.int64,
+                                                 count=int(first[-1]))]
+        ends = np.zeros(len(token_lengths) + 1, dtype=np.int64)
+        np.cumsum(token_lengths, out=ends[1:])
+        base = ends[first]  # bytes before each example; base[i + 1] - base[i] are its own
+        starts, ends = ends[:-1], ends[1:]
+        sizes, firsts, bases = np.diff(base).tolist(), first.tolist(), base.tolist()
+        # every span boundary of every example that spells its text: (example, byte in batch)
+        opening: list[int] = []
+        closing: list[int] = []
+        spelt: list[bool] = []
+        for i, (text, example_spans) in enumerate(zip(texts, spans, strict=True)):
+            ascii_text = text.isascii()
+            size = len(text) if ascii_text else len(text.encode("utf-8"))
+            spelt.append(firsts[i + 1] > firsts[i] and size == sizes[i])
+            if not spelt[-1]:
                 continue
-            stop = int(np.searchsorted(starts, byte(span.end), side="left"))
-            ranges.append((first, stop))
-        return ranges
+            for span in example_spans:
+                opening.append(bases[i] + _byte(text, span.start, ascii_text))
+                closing.append(bases[i] + _byte(text, span.end, ascii_text)
+                               if span.end > span.start else -1)
+        first_tokens = np.searchsorted(ends, opening, side="right").tolist()
+        stop_tokens = np.searchsorted(starts, closing, side="left").tolist()
+        out: list[list[tuple[int, int]] | None] = []
+        k = 0
+        for i, example_spans in enumerate(spans):
+            if not spelt[i]:
+                out.append(None)
+                continue
+            lead, n_tokens = firsts[i], firsts[i + 1] - firsts[i]
+            ranges = []
+            for _ in example_spans:
+                a = min(first_tokens[k] - lead, n_tokens)
+                # a span with no character gets no token: an empty range where it starts
+                ranges.append((a, a) if closing[k] < 0 else
+                              (a, min(stop_tokens[k] - lead, n_tokens)))
+                k += 1
+            out.append(ranges)
+        return out
+
+
+def _byte(text: str, char: int, ascii_text: bool) -> int:
+    """The UTF-8 byte offset of character ``char`` of ``text``."""
+    return char if ascii_text else len(text[:char].encode("utf-8"))
 
 
 def _is_plain_byte_level_bpe(spec: dict[str, Any]) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from sft_plugins.data.schema import decode_json, decode_messages, reasoning_of
+from sft_plugins.data.schema import REASONING_KEYS, decode_json, decode_messages, reasoning_of
 from sft_plugins.errors import DataError, MaskingError
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ def _reasoning_dropped(message: Mapping[str, Any], text: str,
     content, as Qwen3 and DeepSeek-R1 data write it) that its trained span does not hold."""
     if trained is None:  # not a trained turn: nothing of it is dropped from training
         return False
-    reasoning = reasoning_of(message)
+    reasoning = None if message.keys().isdisjoint(REASONING_KEYS) else reasoning_of(message)
     content = message.get("content")
     if reasoning is None and isinstance(content, str) and "</think>" in content:
         reasoning = content.split("</think>")[0].split("<think>")[-1]

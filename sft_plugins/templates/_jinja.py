@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -57,6 +55,8 @@ class Recording:
     starts: list[tuple[int, int]] = field(default_factory=list)  # (message index, position)
     end: int | None = None
     generations: list[tuple[int, int]] = field(default_factory=list)
+    open_generations: list[int] = field(default_factory=list)
+    """Starts of the ``{% generation %}`` blocks being rendered."""
 
 
 _RECORDING: ContextVar[Recording | None] = ContextVar("sft_plugins_template_recording",
@@ -68,8 +68,17 @@ class SpanMarkers(jinja2.ext.Extension):
 
     Positions are the length of the output already produced when the tag runs; that is exact
     because :func:`render` consumes the template's generator block by block, and holds only for
-    markers written directly in the template body (not inside ``{% set %}`` blocks or macros,
-    whose output is buffered).
+    markers written directly in the template body (not inside ``{% set %}`` blocks, macros or
+    the inner levels of a recursive loop, whose output is buffered).
+
+    The markers run once per message of every example prepared, so they compile to direct calls
+    of private filters (:data:`_MARKERS`, under names no template can spell) rather than to
+    extension method calls, which the sandbox routes through ``environment.call`` and its checks
+    (a third of a render's time). A ``{% generation %}`` block in the template body, inside
+    ``for`` and ``if`` blocks only, becomes its body between two such calls, in a scope of its
+    own (as a call block's body has: what it sets stays inside); anywhere else (inside a macro,
+    a call, filter or set block, or holding ``break``/``continue``) it keeps the call block
+    that buffers its body, :meth:`_generation`.
     """
 
     tags = {"generation", "message", "endmessages"}  # noqa: RUF012 (jinja's own API)
@@ -78,37 +87,88 @@ class SpanMarkers(jinja2.ext.Extension):
         token = next(parser.stream)
         lineno = token.lineno
         if token.value == "generation":
+            # the open tags, this one last (jinja's private state: without it, the buffered way)
+            tags = getattr(parser, "_tag_stack", None)
+            inline = tags is not None and set(tags[:-1]) <= _UNBUFFERED_TAGS
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_generation"), [], [], body
-                                          ).set_lineno(lineno)
+            if not inline or any(
+                    node.find((jinja2.nodes.Break, jinja2.nodes.Continue)) is not None
+                    or isinstance(node, (jinja2.nodes.Break, jinja2.nodes.Continue))
+                    for node in body):
+                return jinja2.nodes.CallBlock(self.call_method("_generation"), [], [], body
+                                              ).set_lineno(lineno)
+            return jinja2.nodes.Scope([_marker(_GENERATION_START, lineno), *body,
+                                       _marker(_GENERATION_END, lineno)]).set_lineno(lineno)
         if token.value == "message":
-            index = parser.parse_expression()
-            return jinja2.nodes.Output([self.call_method("_message_start", [index])]
-                                       ).set_lineno(lineno)
-        return jinja2.nodes.Output([self.call_method("_messages_end")]).set_lineno(lineno)
+            return _marker(_MESSAGE_START, lineno, parser.parse_expression())
+        return _marker(_MESSAGES_END, lineno)
 
     def _generation(self, caller: Any) -> str:
+        """A ``{% generation %}`` block outside the template body: its body, buffered."""
         body = caller()
         recording = _RECORDING.get()
         if recording is not None:
             recording.generations.append((recording.length, recording.length + len(body)))
         return body
 
-    def _message_start(self, message: Any) -> str:
-        recording = _RECORDING.get()
-        if recording is not None and message is not None:
-            index = recording.positions.get(id(message))
-            if index is None:
-                raise jinja2.exceptions.TemplateRuntimeError(
-                    "{% message m %} needs one of the input message objects")
-            recording.starts.append((index, recording.length))
-        return ""
 
-    def _messages_end(self) -> str:
-        recording = _RECORDING.get()
-        if recording is not None:
-            recording.end = recording.length
-        return ""
+_UNBUFFERED_TAGS = frozenset({"for", "if"})
+"""Tags whose body the template's generator yields as it goes (no buffer), so that the output
+length at a marker is the marker's position."""
+
+
+def _marker(name: str, lineno: int, argument: jinja2.nodes.Expr | None = None
+            ) -> jinja2.nodes.Node:
+    """A statement calling the marker filter ``name`` on ``argument`` (``none`` if absent)."""
+    value = jinja2.nodes.Const(None) if argument is None else argument
+    return jinja2.nodes.ExprStmt(jinja2.nodes.Filter(value, name, [], [], None, None)
+                                 ).set_lineno(lineno)
+
+
+# Each marker filter takes the template's context, unused: jinja would otherwise call a filter of
+# a constant (``none``) once, at compile time, and fold the call away.
+
+
+@jinja2.pass_context
+def _message_start(_: Any, message: Any) -> None:
+    recording = _RECORDING.get()
+    if recording is not None and message is not None:
+        index = recording.positions.get(id(message))
+        if index is None:
+            raise jinja2.exceptions.TemplateRuntimeError(
+                "{% message m %} needs one of the input message objects")
+        recording.starts.append((index, recording.length))
+
+
+@jinja2.pass_context
+def _messages_end(*_: Any) -> None:
+    recording = _RECORDING.get()
+    if recording is not None:
+        recording.end = recording.length
+
+
+@jinja2.pass_context
+def _generation_start(*_: Any) -> None:
+    recording = _RECORDING.get()
+    if recording is not None:
+        recording.open_generations.append(recording.length)
+
+
+@jinja2.pass_context
+def _generation_end(*_: Any) -> None:
+    recording = _RECORDING.get()
+    if recording is not None:
+        recording.generations.append((recording.open_generations.pop(), recording.length))
+
+
+# Filter names with a dot and a dash: the template language cannot spell them, so only the
+# markers call these.
+_MESSAGE_START = "sft-plugins.message"
+_MESSAGES_END = "sft-plugins.endmessages"
+_GENERATION_START = "sft-plugins.generation"
+_GENERATION_END = "sft-plugins.endgeneration"
+_MARKERS = {_MESSAGE_START: _message_start, _MESSAGES_END: _messages_end,
+            _GENERATION_START: _generation_start, _GENERATION_END: _generation_end}
 
 
 def _raise_exception(message: str) -> None:
@@ -157,16 +217,38 @@ class _Namespace(jinja2.utils.Namespace):
                 f"chat templates cannot store underscore-prefixed attributes ({name!r})")
 
 
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+"""Every attribute a plain ``dict`` has (its methods and ``object``'s): the only names
+``getattr`` can find on one, since a ``dict`` has no instance attributes."""
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox, with ``message.role`` on a plain ``dict`` (every message,
+    several times per message) read as the key it is at once: the sandbox's ``getattr`` tries
+    the attribute first and reads the key only after catching the ``AttributeError``, and
+    raising it was a tenth of a render. Same answers: a name that is not an attribute of
+    ``dict`` raises there, and everything else still goes the sandbox's way."""
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
+
+
 @lru_cache(maxsize=1)
 def environment() -> ImmutableSandboxedEnvironment:
     """The one sandboxed environment every template is compiled in."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[SpanMarkers, jinja2.ext.loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True,
+                   extensions=[SpanMarkers, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _Namespace
+    env.filters.update(_MARKERS)
     return env
 
 
@@ -177,33 +259,45 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 @lru_cache(maxsize=256)
+def _flat_globals(template: jinja2.Template) -> dict[str, Any]:
+    """The template's globals as one dict: what ``Template.new_context`` builds from its chain
+    of globals on every call (the environment's never change after :func:`environment`)."""
+    return dict(template.globals)
+
+
+@lru_cache(maxsize=256)
 def variables_read(source: str) -> frozenset[str]:
     """Every variable ``source`` reads without setting it (a syntax error raises
     ``jinja2.TemplateSyntaxError``)."""
     return frozenset(jinja2.meta.find_undeclared_variables(environment().parse(source)))
 
 
-@contextmanager
-def _recording(chat: list[Any]) -> Iterator[Recording]:
-    recording = Recording(positions={id(m): i for i, m in enumerate(chat)})
-    token = _RECORDING.set(recording)
-    try:
-        yield recording
-    finally:
-        _RECORDING.reset(token)
-
-
 def render(source: str, variables: dict[str, Any]) -> Recording:
     """Render ``source`` with ``variables`` and return the text with every marker's position.
 
-    Raises jinja2 errors unchanged; :class:`~sft_plugins.templates.ChatTemplate` turns them into
-    ``TemplateError`` with the template's own message.
+    Raises jinja2 errors unchanged (with the template's line numbers in the traceback, as
+    ``Template.generate`` leaves them); :class:`~sft_plugins.templates.ChatTemplate` turns them
+    into ``TemplateError`` with the template's own message. This is ``Template.generate`` less
+    its wrapping generator and its context built from scratch: preparation renders every
+    example.
     """
     template = compile_template(source)
-    with _recording(variables.get("messages") or []) as recording:
-        for block in template.generate(**variables):
-            recording.blocks.append(block)
+    flat = _flat_globals(template)
+    context = template.environment.context_class(  # it only takes the names of the globals
+        template.environment, {**flat, **variables}, template.name, template.blocks,
+        globals=flat)
+    recording = Recording(positions={id(m): i for i, m in
+                                     enumerate(variables.get("messages") or [])})
+    blocks = recording.blocks
+    token = _RECORDING.set(recording)
+    try:
+        for block in template.root_render_func(context):
+            blocks.append(block)
             recording.length += len(block)
+    except Exception:
+        template.environment.handle_exception()
+    finally:
+        _RECORDING.reset(token)
     return recording
 
 
@@ -212,7 +306,9 @@ def strip_message_markers(source: str) -> str:
     return _MESSAGE_MARKER_TRIMMED.sub("", source)
 
 
+@lru_cache(maxsize=256)
 def has_message_markers(source: str) -> bool:
+    """Whether ``source`` marks where messages start (asked once per render, so cached)."""
     return _MESSAGE_MARKER.search(source) is not None
 
 
