@@ -65,6 +65,10 @@ class DataArguments:
         "help": "error: stop at the first bad example; skip: drop, count and report them."})
     dataset_num_proc: int | None = field(default=None, metadata={
         "help": "Processes for data preparation (default: every core for large data)."})
+    streaming: bool = field(default=False, metadata={
+        "help": "Read, validate, label (and pack) the data while training reads it, in "
+                "constant memory, instead of all of it before step 1; needs --max_steps. "
+                "Under several ranks each reads its own files (or every N-th example)."})
 
 
 @dataclass
@@ -83,6 +87,9 @@ class PluginArguments:
     packing: bool = field(default=False, metadata={
         "help": "Pack examples into rows of --max_length tokens (best-fit decreasing), "
                 "attention kept within each example; see docs/packing.md."})
+    packing_buffer: int | None = field(default=None, metadata={
+        "help": "With --streaming --packing: pack best-fit over this many examples at a time "
+                "(default 1000)."})
     logits_chunk_size: int = field(default=1024, metadata={
         "help": "Positions per lm_head chunk in the trained-positions-only loss."})
     resume_incomplete: bool = field(default=False, metadata={
@@ -100,8 +107,33 @@ def check_arguments(model_args: Any, data_args: Any, plugin_args: Any,
     wrongly with or crashes on (``--num_train_epochs 0`` saving an untrained model, a zero batch
     size dividing by zero at step 1, ...). Each error names the flag."""
     _check_training(training_args)
+    _check_streaming(data_args, plugin_args, training_args)
     _check_plugin_flags(plugin_args)
     _check_output_dir(Path(training_args.output_dir))
+
+
+def _check_streaming(data_args: Any, plugin_args: Any, training_args: Any) -> None:
+    """What a stream cannot do: tell its length, hold out a fraction of itself, be labelled
+    in worker processes (whose skip counts would never reach the summary)."""
+    buffer = plugin_args.packing_buffer
+    if buffer is not None and buffer < 1:
+        raise ConfigError(f"--packing_buffer {buffer}: must be a positive number of examples")
+    if buffer is not None and not (data_args.streaming and plugin_args.packing):
+        raise ConfigError("--packing_buffer applies to --streaming --packing (a data set read "
+                          "whole is packed whole)")
+    if not data_args.streaming:
+        return
+    if training_args.max_steps <= 0:
+        raise ConfigError("--streaming needs --max_steps: a stream has no length, so the "
+                          "number of optimizer steps cannot follow from --num_train_epochs; "
+                          "give --max_steps N")
+    if data_args.eval_split_ratio is not None:
+        raise ConfigError("--eval_split_ratio needs the whole data set, which --streaming does "
+                          "not read before training; give --eval_dataset instead")
+    if training_args.dataloader_num_workers:
+        raise ConfigError(f"--dataloader_num_workers {training_args.dataloader_num_workers}: "
+                          "--streaming labels the data in the training process, which counts "
+                          "its skipped examples; use --dataloader_num_workers 0")
 
 
 def _check_training(args: Any) -> None:

@@ -31,6 +31,11 @@ restart at 0: the pads form their own sequence, attend only to themselves and ca
 An example longer than ``max_length`` is rejected with a :class:`~sft_plugins.errors.DataError`:
 set the collator's ``max_length`` (its ``truncation`` rule then cuts or drops it during
 preparation) to at most the packing length.
+
+A stream (``datasets.IterableDataset``) cannot be sorted whole: :class:`StreamPacker` packs it
+best-fit decreasing over each buffer of the next ``buffer_size`` examples, the same packer on a
+bounded window, so memory stays bounded whatever the stream's length; its fill is a little
+below the whole-data-set packer's (``benchmarks/streaming.py`` measures both on the same data).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import Dataset
+from datasets import Dataset, Features, IterableDataset, List, Value
 
 from sft_plugins.arrow_rows import visible_rows
 from sft_plugins.errors import DataError, MaskingError
@@ -206,22 +211,31 @@ def pack_dataset(dataset: Dataset, max_length: int) -> tuple[Dataset, PackingRep
     never used
     unpacked. Work is done on Arrow buffers with numpy, not per token in Python.
     """
-    missing = [c for c in ("input_ids", "labels") if c not in dataset.column_names]
+    _check_prepared(dataset.column_names)
+    table, report = pack_table(visible_rows(dataset), max_length)
+    return Dataset(table), report
+
+
+def _check_prepared(columns: Sequence[str]) -> None:
+    missing = [c for c in ("input_ids", "labels") if c not in columns]
     if missing:
         raise DataError(f"packing needs prepared rows with input_ids and labels; missing "
                         f"{', '.join(missing)}. Prepare the data set with the collator first")
-    table = visible_rows(dataset)
+
+
+def pack_table(table: pa.Table, max_length: int) -> tuple[pa.Table, PackingReport]:
+    """:func:`pack_dataset` on an Arrow table of prepared rows (all of them in one packing)."""
     lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
     bins = best_fit_decreasing(lengths.tolist(), max_length)
     layout = _Layout.of(lengths, bins)
     arrays = {name: _packed_column(table, name, layout)
-              for name in PACKED_COLUMNS if name in dataset.column_names}
+              for name in PACKED_COLUMNS if name in table.column_names}
     arrays["position_ids"] = pa.ListArray.from_arrays(
         pa.array(layout.row_offsets), pa.array(layout.positions.astype(np.int32),
                                                type=pa.int32()))
     report = PackingReport(examples=len(lengths), rows=len(bins), tokens=layout.total,
                            max_length=max_length)
-    return Dataset(pa.table(arrays)), report
+    return pa.table(arrays), report
 
 
 @dataclass(frozen=True)
@@ -278,6 +292,69 @@ def pack_prepared(dataset: Dataset, max_length: int | None) -> Dataset:
     return packed
 
 
+DEFAULT_PACKING_BUFFER = 1000
+"""Examples a stream is packed over at a time (:class:`StreamPacker`): enough for best-fit
+decreasing to fill rows almost as full as packing the whole data set (measured in
+``benchmarks/streaming.py``), few enough to hold (a thousand token lists)."""
+
+_STREAM_TYPES = {"input_ids": pa.list_(pa.int32()), "labels": pa.list_(pa.int32()),
+                 WEIGHTS_KEY: pa.list_(pa.float32())}
+_STREAM_FEATURES = {"input_ids": List(Value("int32")), "labels": List(Value("int32")),
+                    WEIGHTS_KEY: List(Value("float32")), "position_ids": List(Value("int32"))}
+"""The columns of a packed stream, declared: ``datasets`` cannot infer a mapped stream's."""
+
+
+class StreamPacker:
+    """The batched ``IterableDataset.map`` function that packs a stream: each batch of the next
+    ``buffer_size`` prepared examples is packed best-fit decreasing (:func:`pack_table`) into
+    rows of at most ``max_length`` tokens, which leave before the next batch is read. Memory
+    is one buffer; :meth:`report` adds up what has been packed so far (its fill, against
+    :func:`pack_dataset`'s on the whole data, is what the bounded buffer costs)."""
+
+    def __init__(self, max_length: int, buffer_size: int = DEFAULT_PACKING_BUFFER) -> None:
+        if buffer_size < 1:
+            raise DataError(f"packing buffer_size must be a positive number of examples, got "
+                            f"{buffer_size}")
+        self.max_length = max_length
+        self.buffer_size = buffer_size
+        self.examples = self.rows = self.tokens = 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """Itself: it is where the stream's counts go, and ``datasets`` deep-copies the
+        pipelines it concatenates; a copy would count where nobody looks."""
+        return self
+
+    def __call__(self, batch: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
+        _check_prepared(list(batch))
+        table = pa.table({name: pa.array(batch[name], type=_STREAM_TYPES[name])
+                          for name in PACKED_COLUMNS if name in batch})
+        packed, report = pack_table(table, self.max_length)
+        self.examples += report.examples
+        self.rows += report.rows
+        self.tokens += report.tokens
+        return packed.to_pydict()
+
+    def report(self) -> PackingReport:
+        return PackingReport(examples=self.examples, rows=self.rows, tokens=self.tokens,
+                             max_length=self.max_length)
+
+
+def pack_stream(stream: IterableDataset, max_length: int | None,
+                buffer_size: int = DEFAULT_PACKING_BUFFER
+                ) -> tuple[IterableDataset, StreamPacker]:
+    """:class:`StreamPacker` over a prepared stream, for the trainer: ``max_length`` is the
+    packing length, or else the collator's."""
+    if max_length is None:
+        raise DataError("packing needs a row length: pass packing_max_length, or give the "
+                        "collator a max_length")
+    packer = StreamPacker(max_length, buffer_size)
+    columns = stream.column_names or list(next(iter(stream.take(1)), {}))
+    features = Features({name: feature for name, feature in _STREAM_FEATURES.items()
+                         if name in columns or name == "position_ids"})
+    return stream.map(packer, batched=True, batch_size=buffer_size, features=features,
+                      remove_columns=columns), packer
+
+
 @dataclass
 class PackedCollator:
     """Pad packed rows into a batch of ``input_ids``, ``position_ids``, ``labels`` (and
@@ -309,5 +386,6 @@ class PackedCollator:
         return batch
 
 
-__all__ = ["PackedCollator", "PackingReport", "best_fit_decreasing", "pack_dataset",
-           "pack_prepared", "pad_batch"]
+__all__ = ["DEFAULT_PACKING_BUFFER", "PackedCollator", "PackingReport", "StreamPacker",
+           "best_fit_decreasing", "pack_dataset", "pack_prepared", "pack_stream", "pack_table",
+           "pad_batch"]

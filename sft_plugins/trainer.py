@@ -26,6 +26,18 @@ Plugins never subclass the Trainer. Downstream code may, and is meant to overrid
     ``compute_token_loss`` when your loss weighs tokens differently.
 
 Everything else is ``transformers.Trainer`` as documented there.
+
+Streams. ``train_dataset``/``eval_dataset`` may be ``datasets.IterableDataset`` (from
+``load_sft_dataset(..., streaming=True)`` or ``datasets.load_dataset(..., streaming=True)``):
+they are labelled (and the training stream packed, best-fit over a bounded buffer) while training
+reads them, in the training process, which counts their skips as they are met and logs them
+(``skipped_examples``). ``max_steps`` is then required. Under several processes each rank reads
+its own part of the training stream (``datasets.distributed.split_dataset_by_node``; whole files
+when their number divides by the number of ranks, else every N-th example), prepared as one
+process would and never dispatched or split again by accelerate; a rank whose part ends first
+trains zero-weight batches until every rank has finished the pass, so every example is trained
+once per pass and the ranks' steps stay in step. An evaluation stream is evaluated whole by
+every rank.
 """
 
 from __future__ import annotations
@@ -38,8 +50,12 @@ from typing import Any
 
 import pyarrow.compute as pc
 import torch
-from datasets import Dataset
+from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import gather_object
+from datasets import Dataset, IterableDataset
+from datasets.distributed import split_dataset_by_node
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerState
 from transformers.modeling_utils import unwrap_model
 from transformers.trainer import TRAINER_STATE_NAME
@@ -52,7 +68,14 @@ from transformers.trainer_utils import (
 
 from sft_plugins.arrow_rows import visible_rows
 from sft_plugins.attention import attend_packed_rows_by_example
-from sft_plugins.batching import PackedCollator, pack_prepared
+from sft_plugins.bad_examples import PassCounts, merge_counts
+from sft_plugins.batching import (
+    DEFAULT_PACKING_BUFFER,
+    PackedCollator,
+    StreamPacker,
+    pack_prepared,
+    pack_stream,
+)
 from sft_plugins.callbacks import PerturberCallback
 from sft_plugins.checkpoints import (
     CheckpointError,
@@ -62,7 +85,7 @@ from sft_plugins.checkpoints import (
     resolve_checkpoint,
 )
 from sft_plugins.data import DataSummary
-from sft_plugins.errors import DataError, LaunchError, ModelLoadError
+from sft_plugins.errors import ConfigError, DataError, LaunchError, ModelLoadError
 from sft_plugins.loss import (
     FAST_PATH_MODEL_TYPES,
     IGNORE_INDEX,
@@ -86,6 +109,21 @@ logger = logging.getLogger(__name__)
 def _core_model(model: nn.Module) -> nn.Module:
     """The transformers model under distributed, ``torch.compile`` and PEFT wrappers."""
     return unwrap_peft_model(unwrap_model(model))
+
+
+def _embedding_rows(model: nn.Module | None) -> int | None:
+    """How many token ids the model's input embedding has rows for (``None``: unknown)."""
+    core = _core_model(model) if model is not None else None
+    embedding = core.get_input_embeddings() if hasattr(core, "get_input_embeddings") else None
+    return getattr(embedding, "num_embeddings", None)
+
+
+def column_names(dataset: Dataset | IterableDataset) -> list[str]:
+    """A data set's columns; a stream whose features are not known shows its first row's."""
+    names = dataset.column_names
+    if names is None:
+        names = list(next(iter(dataset.take(1)), {}))
+    return list(names)
 
 
 def _head_is_plain_linear(head: nn.Module | None) -> bool:
@@ -115,6 +153,9 @@ class SFTPluginTrainer(Trainer):
     ``train_dataset``: ``completion-only`` for prompt/completion data, ``all-tokens`` for plain
     text, ``assistant-only`` otherwise.
 
+    A ``datasets.IterableDataset`` is prepared while training reads it (module docstring,
+    "Streams"); packed, it is packed over ``packing_buffer_size`` examples at a time.
+
     ``Trainer.__init__`` runs first, with the data sets as given; then every split goes through
     :meth:`prepare_dataset` under ``args.main_process_first`` and the prepared sets become
     ``train_dataset``/``eval_dataset``.
@@ -127,8 +168,8 @@ class SFTPluginTrainer(Trainer):
         model: Any = None,
         args: Any = None,
         *,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | None = None,
         processing_class: Any = None,
         data_collator: Any = None,
         template: str | ChatTemplate | None = None,
@@ -143,11 +184,13 @@ class SFTPluginTrainer(Trainer):
         full_logits: bool = False,
         packing: bool = False,
         packing_max_length: int | None = None,
+        packing_buffer_size: int = DEFAULT_PACKING_BUFFER,
         resume_incomplete: bool = False,
         data_summary: DataSummary | None = None,
         **kwargs: Any,
     ) -> None:
         self._check_launch(args)
+        self._check_streams(args, train_dataset, eval_dataset)
         self.resume_incomplete = resume_incomplete
         """Resume from a checkpoint that lacks optimizer, scheduler or RNG state, or was never
         marked complete, with a warning instead of an error."""
@@ -160,6 +203,18 @@ class SFTPluginTrainer(Trainer):
         self.dataset_num_proc = dataset_num_proc
         self.packing = packing
         """Training rows are packed examples (:mod:`sft_plugins.batching`)."""
+        self.packing_buffer_size = packing_buffer_size
+        self.packer: StreamPacker | None = None
+        """The packer of a packed training stream (its ``report()``: the fill so far)."""
+        self.stream_sharing: dict[str, str] = {}
+        """How each streamed split is shared between ranks: ``shards`` (each rank reads its own
+        files), ``examples`` (each rank reads every example and keeps every N-th) or ``whole``
+        (one process, or an evaluation stream every rank evaluates whole)."""
+        self._spent_iterator: Any = None
+        self._pass_iterator: Any = None
+        self._filler: dict[str, Any] | None = None
+        self._last_batch: dict[str, Any] | None = None
+        self._embedding_rows: int | None = None
         self.data_summary = data_summary
         """What loading the data kept and skipped (``load_sft_dataset``'s summary); :meth:`train`
         adds what preparation kept and writes both to ``data_summary.json``."""
@@ -198,6 +253,27 @@ class SFTPluginTrainer(Trainer):
                 "Trainer runs it alone: every process would train its own copy on all the data. "
                 "Without a GPU, pass --use_cpu true (use_cpu=True) so the processes train "
                 "together over gloo")
+
+    @staticmethod
+    def _check_streams(args: Any, train_dataset: Any, eval_dataset: Any) -> None:
+        """Refuse, before anything is built, what a stream cannot do: tell its length (so the
+        run needs ``max_steps``), be counted in worker processes, be split twice."""
+        streams = [d for d in (train_dataset, eval_dataset) if isinstance(d, IterableDataset)]
+        if not streams or args is None:
+            return
+        if isinstance(train_dataset, IterableDataset) and args.max_steps <= 0:
+            raise ConfigError("the training data is a stream (datasets.IterableDataset), which "
+                              "has no length, so the number of steps cannot follow from "
+                              "num_train_epochs: set max_steps (--max_steps N)")
+        if args.dataloader_num_workers:
+            raise ConfigError(f"dataloader_num_workers={args.dataloader_num_workers}: a stream "
+                              "is labelled in the training process, which counts its skipped "
+                              "examples; set dataloader_num_workers=0 (--dataloader_num_workers "
+                              "0)")
+        if any(getattr(d, "_distributed", None) is not None for d in streams):
+            raise ConfigError("the stream was already split between ranks "
+                              "(split_dataset_by_node); pass the whole stream: the trainer "
+                              "gives each rank its part")
 
     def _warn_if_fsdp_fell_back(self) -> None:
         launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -284,15 +360,24 @@ class SFTPluginTrainer(Trainer):
         pre-tokenized columns) get ``labels`` from it; ``input_ids`` alone is refused. Other
         rows go through the collator's ``prepare``, whose report is kept in
         :attr:`preparation` and written to ``data_summary.json`` by :meth:`train`.
+
+        A ``datasets.IterableDataset`` (already this rank's part, for training) is prepared the
+        same way into a stream labelled as it is read; its report fills as training reads it.
+        Any other object (a torch ``Dataset``) is taken as prepared rows, as it is.
         """
-        if "input_ids" in dataset.column_names:
+        if not isinstance(dataset, (Dataset, IterableDataset)):
+            return dataset
+        if "input_ids" in column_names(dataset):
             return labels_from_token_masks(dataset, split)
         if self.processing_class is None:
             raise TypeError("SFTPluginTrainer needs processing_class (the tokenizer) to "
                             "prepare a data set of conversations")
         prepared = self.collator.prepare(dataset, self.processing_class, self.chat_template,
-                                         num_proc=self.dataset_num_proc)
+                                         num_proc=self.dataset_num_proc, split=split)
         report = self.preparation[split] = prepared.report
+        if isinstance(prepared.dataset, IterableDataset):
+            logger.info("%s: a stream, labelled while training reads it", split)
+            return prepared.dataset
         if report.total and not report.kept:
             first = f"; the first: {report.first_skips[0]}" if report.first_skips else ""
             raise DataError(f"{split}: preparation kept none of the {report.total} examples "
@@ -307,27 +392,49 @@ class SFTPluginTrainer(Trainer):
                           packing_max_length: int | None) -> None:
         """Prepare the data sets given at construction on the main process first (it writes
         the ``datasets`` cache, the other ranks load it) and make them the Trainer's."""
+        self._embedding_rows = _embedding_rows(self.model)
         with self.args.main_process_first(desc="sft-plugins: preparing the data sets"):
             if train_dataset is not None:
-                train_dataset = self._prepare_for(self.model, train_dataset, "train")
-                if packing:  # best-fit rows, see sft_plugins.batching
-                    train_dataset = pack_prepared(train_dataset,
-                                                  packing_max_length or self.collator.max_length)
+                train_dataset = self._prepare_for(self.model, self._rank_part(train_dataset),
+                                                  "train")
+                length = packing_max_length or self.collator.max_length
+                if packing and isinstance(train_dataset, IterableDataset):
+                    train_dataset, self.packer = pack_stream(train_dataset, length,
+                                                             self.packing_buffer_size)
+                elif packing:  # best-fit rows, see sft_plugins.batching
+                    train_dataset = pack_prepared(train_dataset, length)
             eval_dataset = self._prepare_later(eval_dataset, "eval")
         if packing and train_dataset is not None:
             attend_packed_rows_by_example(_core_model(self.model))
         self.train_dataset = train_dataset
         self.eval_dataset = eval_dataset
 
-    def _prepare_for(self, model: Any, dataset: Dataset, split: str) -> Dataset:
+    def _rank_part(self, dataset: Any) -> Any:
+        """This rank's part of a training stream (``split_dataset_by_node``): its own files
+        when their number divides by the number of ranks, else every N-th example. A data set
+        with a length is left to the Trainer's distributed sampler, as before."""
+        if not isinstance(dataset, IterableDataset):
+            return dataset
+        ranks = self.accelerator.num_processes
+        if ranks == 1:
+            self.stream_sharing["train"] = "whole"
+            return dataset
+        strategy = "shards" if dataset.num_shards % ranks == 0 else "examples"
+        self.stream_sharing["train"] = strategy
+        logger.info("train: a stream of %d shard(s) split between %d ranks by %s",
+                    dataset.num_shards, ranks, strategy)
+        return split_dataset_by_node(dataset, rank=self.accelerator.process_index,
+                                     world_size=ranks, strategy=strategy)
+
+    def _prepare_for(self, model: Any, dataset: Any, split: str) -> Any:
         """``prepare_dataset``, then stop before training on a token id the model cannot embed
         (a tokenizer that is not the model's): the first forward would fail mid-training with
-        an index error."""
+        an index error. (A stream's batches are checked as they are collated.)"""
+        if isinstance(dataset, IterableDataset):
+            self.stream_sharing.setdefault(split, "whole")
         prepared = self.prepare_dataset(dataset, split)
-        core = _core_model(model) if model is not None else None
-        embedding = core.get_input_embeddings() if hasattr(core, "get_input_embeddings") else None
-        rows = getattr(embedding, "num_embeddings", None)
-        if rows is None or not len(prepared):
+        rows = _embedding_rows(model)
+        if rows is None or not isinstance(prepared, Dataset) or not len(prepared):
             return prepared
         ids = visible_rows(prepared).column("input_ids")
         tokens = pc.list_flatten(ids)
@@ -393,22 +500,53 @@ class SFTPluginTrainer(Trainer):
                                if self.args.max_steps > 0 else
                                f"{self.args.num_train_epochs} epochs")
                 return finished
+        for split in self.stream_sharing:  # counted from here, by the rank that reads it
+            record = self._streamed_record(split)
+            if record is not None:
+                record.restart_counts()
         if (self.preparation or self.data_summary) and self.args.should_save:
             self._write_data_summary()
         self.sigterm.install()
         try:
-            return super().train(checkpoint, *args, **kwargs)
+            result = super().train(checkpoint, *args, **kwargs)
+        except BaseException:
+            if self.stream_sharing and self.args.should_save:  # what was read, as far as read
+                self._write_data_summary()
+            raise
         finally:
             self.sigterm.remove()
             if self._perturber_callback is not None:
                 self._perturber_callback.remove()
+        if self.stream_sharing:  # streams are counted while training reads them
+            self._write_data_summary(gathered=True)
+        return result
 
-    def _write_data_summary(self) -> None:
-        """One ``data_summary.json``: the data loader's skips and preparation's, per split."""
+    def _write_data_summary(self, *, gathered: bool = False) -> None:
+        """One ``data_summary.json``: the data loader's skips and preparation's, per split.
+
+        ``gathered`` (after training, on every rank: a collective) first brings the counts of
+        each streamed split to what all ranks read, logs them, and reports the stream packer's
+        fill; only the main process writes."""
         summary = self.data_summary or DataSummary(on_bad_example=self.collator.on_bad_example)
+        if gathered:
+            for split in self.stream_sharing:
+                data, labelling = self._stream_counts(split, gathered=True)
+                record, report = self._streamed_record(split), self.preparation.get(split)
+                if data is not None and record is not None:
+                    record.set_counts(data)
+                if labelling is not None and report is not None:
+                    report.total, report.kept = labelling.examples, labelling.kept
+                    report.skipped, report.first_skips = labelling.skipped, labelling.samples
         for split, report in self.preparation.items():
             summary.add_preparation(split, report)
-        summary.write_json(self.args.output_dir)
+        for record in summary.splits:
+            record.streaming = record.streaming or record.split in self.stream_sharing
+        if gathered and self.args.should_save:
+            logger.warning("streamed data, as read:\n%s", summary.render())
+            if self.packer is not None:
+                logger.warning("train (this rank): %s", self.packer.report().summary())
+        if self.args.should_save:
+            summary.write_json(self.args.output_dir)
 
     def _on_any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any process of the run."""
@@ -477,7 +615,7 @@ class SFTPluginTrainer(Trainer):
             return self._prepare_later(dataset, split)
 
     def _prepare_later(self, dataset: Any, split: str) -> Any:
-        if isinstance(dataset, Dataset):
+        if isinstance(dataset, (Dataset, IterableDataset)):
             return self._prepare_for(self.model, dataset, split)
         if isinstance(dataset, Mapping):
             return {k: self._prepare_later(v, f"{split}-{k}") for k, v in dataset.items()}
@@ -513,19 +651,145 @@ class SFTPluginTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator: Iterator[Any], num_batches: int,
                           device: torch.device) -> tuple[list[Any], torch.Tensor | None]:
         """Collect one optimizer step's micro-batches and the total loss weight they carry,
-        summed across data-parallel ranks."""
+        summed across data-parallel ranks.
+
+        For a training stream, the ranks also agree on how many micro-batches the step has:
+        a rank whose part of the pass has ended fills in zero-weight batches while another
+        still has data (as DDP's ``join`` shadows an uneven rank), and the pass ends for all
+        ranks together when none has any left. A pass that gives no batch at all is an error.
+        """
         batches: list[Any] = []
+        if epoch_iterator is self._spent_iterator:  # every rank has finished this pass
+            return batches, None
         for _ in range(num_batches):
             try:
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        if isinstance(self.train_dataset, IterableDataset):
+            batches = self._even_out(batches, epoch_iterator)
         if not batches or "labels" not in batches[0]:
             return batches, None
         total = sum(self.loss_weight_total(b).to(device) for b in batches)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
         return batches, total
+
+    def _even_out(self, batches: list[Any], epoch_iterator: Any) -> list[Any]:
+        """This rank's micro-batches, padded with zero-weight ones to as many as the rank with
+        the most has (none: the pass is over for every rank)."""
+        first_of_pass = self._pass_iterator is not epoch_iterator
+        self._pass_iterator = epoch_iterator
+        most = len(batches)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(torch.tensor([most], device=self.args.device))
+            most = int(counts.max().item())
+        if most == 0:
+            if first_of_pass and self.state.global_step:
+                raise DataError(
+                    f"cannot resume at step {self.state.global_step}: the Trainer resumes a "
+                    "stream by skipping that many steps' batches of its first pass, and the "
+                    "first pass is shorter (the run had begun a second pass). Resume from a "
+                    "checkpoint within the first pass over the data, or train from the start")
+            if first_of_pass:
+                raise DataError(f"train: a whole pass over the stream gave no example to train "
+                                f"on ({self._skips_described()}); check the data and "
+                                "--on_bad_example, --max_length and the collator's truncation")
+            self._spent_iterator = epoch_iterator
+            return batches
+        if batches:
+            self._filler = None
+            self._last_batch = batches[-1]
+        return batches + [self._filler_batch()] * (most - len(batches))
+
+    def _filler_batch(self) -> dict[str, Any]:
+        """A micro-batch that trains nothing: the last real one with every weight 0 (the same
+        shapes, so every rank runs the same forward and backward), or one pad token."""
+        if self._filler is None:
+            last = self._last_batch
+            if last is None:
+                last = self.data_collator([{"input_ids": [self.collator.pad_token_id or 0],
+                                            "labels": [IGNORE_INDEX]}])
+            filler = dict(last)
+            filler["labels"] = torch.full_like(last["labels"], IGNORE_INDEX)
+            if WEIGHTS_KEY in filler:
+                filler[WEIGHTS_KEY] = torch.zeros_like(last[WEIGHTS_KEY])
+            self._filler = filler
+        return self._filler
+
+    def _get_dataloader(self, dataset: Any, description: str, batch_size: int,
+                        sampler_fn: Any = None, is_training: bool = False,
+                        dataloader_key: str | None = None) -> Any:
+        """``Trainer._get_dataloader``, except for a stream: it is this rank's own part (or an
+        evaluation stream every rank reads whole), so accelerate must neither dispatch rank 0's
+        batches to the others (its default for an ``IterableDataset``) nor split it again;
+        it is prepared as one process's loader (device placement, end-of-data tracking), with
+        each batch's token ids checked against the model's embedding as it is collated."""
+        if not isinstance(dataset, IterableDataset):
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn,
+                                           is_training, dataloader_key)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=self._collate_checked,
+                            pin_memory=self.args.dataloader_pin_memory)
+        return prepare_data_loader(loader, self.accelerator.device, num_processes=1,
+                                   process_index=0, put_on_device=True, dispatch_batches=False,
+                                   non_blocking=self.accelerator.non_blocking)
+
+    def _collate_checked(self, features: list[dict[str, Any]]) -> Any:
+        batch = self.data_collator(features)
+        rows = self._embedding_rows
+        if rows is not None and "input_ids" in batch and batch["input_ids"].numel():
+            top = int(batch["input_ids"].max())
+            if top >= rows:
+                raise ModelLoadError(
+                    f"a streamed batch has token id {top}, but the model's input embedding has "
+                    f"{rows} rows: the tokenizer is not this model's. Use the model's own "
+                    "tokenizer (--tokenizer_name_or_path), or grow the embedding to the "
+                    "tokenizer first (model.resize_token_embeddings(len(tokenizer)))")
+        return batch
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """``Trainer.log``; with a training stream, each training log also carries
+        ``skipped_examples``: the examples its data rules and labelling have skipped so far
+        (summed over the ranks when they read different files)."""
+        if "loss" in logs and "train" in self.stream_sharing:
+            skipped = torch.tensor([float(self._skipped_so_far("train"))],
+                                   device=self.args.device)
+            if self.stream_sharing["train"] == "shards":
+                skipped = self.accelerator.reduce(skipped, reduction="sum")
+            logs["skipped_examples"] = int(skipped.item())
+        super().log(logs, start_time)
+
+    def _stream_counts(self, split: str, *, gathered: bool = False
+                       ) -> tuple[PassCounts | None, PassCounts | None]:
+        """What reading a streamed split has counted so far: the data rules' (when the data
+        summary has the split) and labelling's. ``gathered``: of the whole run, which takes
+        every rank (a collective): summed when each rank read its own files, else this rank's,
+        since every rank read the same examples (rank 0's is the one written)."""
+        record = self._streamed_record(split)
+        report = self.preparation.get(split)
+        counts = (None if record is None else record.counts(),
+                  None if report is None else PassCounts(
+                      report.total, report.kept, dict(report.skipped), list(report.first_skips),
+                      report.rows if report.rows is not None else report.total))
+        if not gathered or self.stream_sharing.get(split) != "shards":
+            return counts
+        everyone = gather_object([counts])
+        data, labelling = ([rank[i] for rank in everyone] for i in (0, 1))
+        return (None if counts[0] is None else merge_counts(data),  # type: ignore[arg-type]
+                None if counts[1] is None else merge_counts(labelling))  # type: ignore[arg-type]
+
+    def _streamed_record(self, split: str) -> Any:
+        return next((r for r in (self.data_summary.splits if self.data_summary else ())
+                     if r.split == split and r.streaming), None)
+
+    def _skipped_so_far(self, split: str) -> int:
+        return sum(c.skipped_total for c in self._stream_counts(split) if c is not None)
+
+    def _skips_described(self) -> str:
+        counts = [c for c in self._stream_counts("train") if c is not None]
+        skipped = merge_counts(counts).skipped
+        return ("skipped: " + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
+                if skipped else "none skipped")
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
@@ -569,10 +833,12 @@ def default_collator_name(dataset: Any) -> str:
     ``completion_offset`` (string prompt/completion) is set in one of the first
     :data:`DEFAULT_COLLATOR_SAMPLE` rows. ``all-tokens`` for other plain ``text``.
     ``assistant-only`` for other conversations (``messages``), for pre-tokenized rows, and
-    without a ``datasets.Dataset`` (``None``). Columns are looked at in the order the
-    collators read a row: ``messages``, then ``prompt``/``completion``, then ``text``.
+    without a ``datasets.Dataset`` or ``IterableDataset`` (``None``). Columns are looked at
+    in the order the collators read a row: ``messages``, then ``prompt``/``completion``, then
+    ``text``. A stream's first rows are read for it (and read again when training starts).
     """
-    columns = set(dataset.column_names) if isinstance(dataset, Dataset) else set()
+    columns = (set(column_names(dataset)) if isinstance(dataset, (Dataset, IterableDataset))
+               else set())
     if "messages" in columns:
         return ("completion-only" if _any_set(dataset, "completion_index")
                 else "assistant-only")
@@ -583,10 +849,12 @@ def default_collator_name(dataset: Any) -> str:
     return "assistant-only"
 
 
-def _any_set(dataset: Dataset, column: str) -> bool:
+def _any_set(dataset: Dataset | IterableDataset, column: str) -> bool:
     """Whether ``column`` is non-null in one of the first rows of ``dataset``."""
-    if column not in dataset.column_names:
+    if column not in column_names(dataset):
         return False
+    if isinstance(dataset, IterableDataset):
+        return any(row[column] is not None for row in dataset.take(DEFAULT_COLLATOR_SAMPLE))
     head = dataset.select(range(min(len(dataset), DEFAULT_COLLATOR_SAMPLE)))
     return any(value is not None for value in head[column])
 
@@ -595,10 +863,12 @@ TOKEN_MASK_COLUMNS = ("assistant_masks", "completion_mask")
 """Pre-tokenized columns (TRL's names) whose 1s mark the tokens to learn."""
 
 
-def labels_from_token_masks(dataset: Dataset, split: str) -> Dataset:
+def labels_from_token_masks(dataset: Dataset | IterableDataset,
+                            split: str) -> Dataset | IterableDataset:
     """``dataset`` with ``labels``: kept when present, else ``input_ids`` where a token-mask
-    column is 1 and -100 elsewhere; a :class:`DataError` when neither column is there."""
-    columns = dataset.column_names
+    column is 1 and -100 elsewhere; a :class:`DataError` when neither column is there. A
+    stream gets its labels as it is read."""
+    columns = column_names(dataset)
     if "labels" in columns:
         return dataset
     mask = next((c for c in TOKEN_MASK_COLUMNS if c in columns), None)
@@ -614,6 +884,8 @@ def labels_from_token_masks(dataset: Dataset, split: str) -> Dataset:
         return {"labels": [t if m else IGNORE_INDEX
                            for t, m in zip(row["input_ids"], row[mask], strict=True)]}
 
+    if isinstance(dataset, IterableDataset):  # no progress bar to describe
+        return dataset.map(label, remove_columns=[mask])
     return dataset.map(label, remove_columns=[mask], desc=f"{split}: labels from {mask}")
 
 
@@ -626,5 +898,5 @@ def trained_token_summary(dataset: Dataset) -> str:
     return f"{total} tokens, {trained} trained ({fraction:.1%})"
 
 
-__all__ = ["DEFAULT_COLLATOR_SAMPLE", "SFTPluginTrainer",
+__all__ = ["DEFAULT_COLLATOR_SAMPLE", "SFTPluginTrainer", "column_names",
            "default_collator_name", "labels_from_token_masks", "trained_token_summary"]

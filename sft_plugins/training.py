@@ -51,9 +51,10 @@ class TrainingRun:
 
     @property
     def examples(self) -> int:
-        """Training examples kept by preparation."""
+        """Training examples kept by preparation (of a stream: those labelled, one pass at
+        most, as far as training read it)."""
         report = self.trainer.preparation.get("train")
-        return report.kept if report is not None else len(self.data.train)
+        return report.kept if report is not None else len(self.data.train)  # type: ignore[arg-type]
 
 
 def train_from_arguments(model_args: ModelArguments, data_args: DataArguments,
@@ -83,7 +84,8 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments,
         column_map=parse_column_map(data_args.column_map), template=template,
         on_bad_example=data_args.on_bad_example,  # type: ignore[arg-type]
         eval_dataset=data_args.eval_dataset, eval_split_ratio=data_args.eval_split_ratio,
-        seed=training_args.seed, num_proc=data_args.dataset_num_proc)
+        seed=training_args.seed, num_proc=data_args.dataset_num_proc,
+        streaming=data_args.streaming)
     if data.kind != "text" and template is None:
         source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
         raise TemplateError(f"the tokenizer of {source!r} has no chat template and --template "
@@ -100,8 +102,13 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments,
         plugin_manager=manager, dataset_num_proc=data_args.dataset_num_proc,
         logits_chunk_size=plugin_args.logits_chunk_size, packing=plugin_args.packing,
         packing_max_length=plugin_args.max_length, resume_incomplete=plugin_args.resume_incomplete,
-        data_summary=data.summary)
+        data_summary=data.summary, **_packing_buffer(plugin_args))
     return trainer, data
+
+
+def _packing_buffer(plugin_args: PluginArguments) -> dict[str, int]:
+    buffer = plugin_args.packing_buffer
+    return {} if buffer is None else {"packing_buffer_size": buffer}
 
 
 def _collator(manager: PluginManager, plugin_args: PluginArguments, data_args: DataArguments,

@@ -1,5 +1,6 @@
 """Two CPU processes (gloo) train exactly like one process on the same global batch: DDP through
-torchrun, and FSDP2 through ``accelerate launch`` with the FSDP config of docs/training.md."""
+torchrun, and FSDP2 through ``accelerate launch`` with the FSDP config of docs/training.md. A
+stream is split between the ranks: every example trained once per pass."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+STREAM_SCRIPT = Path(__file__).parent / "scripts" / "stream_train.py"
 FSDP_ON_CPU = Path(__file__).parent / "scripts" / "fsdp_on_cpu"
 
 
@@ -185,3 +187,68 @@ def test_sigterm_to_one_rank_saves_on_both_and_the_run_resumes(chat_model_dir, c
     assert not (part / "model.safetensors").exists()
     run(launch(part, "29543", "--resume_from_checkpoint", "true"), tmp_path)
     assert logged_losses(part) == pytest.approx(logged_losses(whole), rel=1e-4)
+
+
+def item_file(path: Path, items: range, bad_after: int) -> Path:
+    """Conversations naming their item (``item N``), one malformed line after ``bad_after``."""
+    lines = []
+    for i in items:
+        lines.append(json.dumps({"messages": [
+            {"role": "user", "content": f"item {i}: sort b a"},
+            {"role": "assistant", "content": " ".join(["a b"] * (1 + i % 4))}]}))
+        if i == bad_after:
+            lines.append("{broken")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def stream_run(out: Path, batch: int, steps: int, files: list[Path], ranks: int,
+               port: str) -> list[dict]:
+    out.mkdir()
+    launcher = [sys.executable] if ranks == 1 else [
+        shutil.which("torchrun", path=str(Path(sys.executable).parent)), "--nproc_per_node",
+        str(ranks), "--master_port", port]
+    run([*launcher, str(STREAM_SCRIPT), str(out), str(batch), str(steps), *map(str, files)],
+        out.parent)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def items_of_pass(ranks: list[dict], number: int) -> list[int]:
+    return sorted(item for rank in ranks for n, item in rank["seen"] if n == number)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_each_streamed_example_once_per_pass_like_one_process(tmp_path):
+    """One file (one shard) on two ranks: each keeps every other example (datasets'
+    ``examples`` split); 9 examples give rank 0 one batch more, which rank 1 matches with a
+    zero-weight batch, so both start the second pass together. Each step trains the global
+    batch one process trains, so the losses are the same; the malformed line is counted once."""
+    data = item_file(tmp_path / "items.jsonl", range(9), bad_after=4)
+    [alone] = stream_run(tmp_path / "alone", 4, 5, [data], 1, "")
+    ranks = stream_run(tmp_path / "two", 2, 5, [data], 2, "29544")
+    assert [r["sharing"] for r in ranks] == ["examples", "examples"]
+    assert items_of_pass(ranks, 1) == list(range(9))  # every example once, none twice
+    assert items_of_pass(ranks, 2) == list(range(8))  # steps 4-5: the next pass, from its start
+    assert {i for _, i in ranks[0]["seen"]} & {i for _, i in ranks[1]["seen"]} == set()
+    assert ranks[0]["losses"] == pytest.approx(alone["losses"], rel=1e-5)
+    assert ranks[1]["losses"] == ranks[0]["losses"] and len(alone["losses"]) == 5
+    summary = json.loads((tmp_path / "two" / "data_summary.json").read_text())["splits"][0]
+    assert (summary["examples"], summary["kept"], summary["skipped"]) == \
+        (10, 9, {"invalid_json": 1})
+
+
+@pytest.mark.slow
+def test_two_ranks_read_their_own_files_of_a_stream(tmp_path):
+    """Two files on two ranks: each rank reads only its own file (``shards``); every example
+    once per pass, and the summary adds up both ranks' skips (one malformed line per file)."""
+    first = item_file(tmp_path / "a.jsonl", range(5), bad_after=2)
+    second = item_file(tmp_path / "b.jsonl", range(5, 12), bad_after=7)
+    ranks = stream_run(tmp_path / "two", 2, 6, [first, second], 2, "29545")
+    assert [r["sharing"] for r in ranks] == ["shards", "shards"]
+    assert items_of_pass(ranks, 1) == list(range(12))
+    assert {i for _, i in ranks[0]["seen"]} == set(range(5))
+    assert {i for _, i in ranks[1]["seen"]} == set(range(5, 12))
+    summary = json.loads((tmp_path / "two" / "data_summary.json").read_text())["splits"][0]
+    assert (summary["examples"], summary["kept"], summary["skipped"]) == \
+        (14, 12, {"invalid_json": 2})
+    assert summary["preparation"]["kept"] == 12

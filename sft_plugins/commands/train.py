@@ -160,8 +160,14 @@ def report(outcome: Any) -> None:
     table.add_row("collator", trainer.collator.name)
     table.add_row("perturber", trainer.perturber.name if trainer.perturber else "none")
     table.add_row("examples", str(outcome.examples))
-    if trainer.packing:
+    if trainer.packer is not None:
+        packed = trainer.packer.report()
+        table.add_row("packed rows", f"{packed.rows} ({packed.fill:.1%} full, streamed)")
+    elif trainer.packing:
         table.add_row("packed rows", str(len(trainer.train_dataset)))
+    if trainer.stream_sharing.get("train") is not None:
+        skipped = trainer.data_summary.skipped_total if trainer.data_summary else 0
+        table.add_row("streamed", f"{skipped} skipped (data_summary.json)")
     table.add_row("steps", str(outcome.steps))
     table.add_row("final training loss", f"{outcome.training_loss:.4f}")
     table.add_row("saved to", str(output_dir))

@@ -8,6 +8,13 @@ message in two working columns. Afterwards Arrow compute finds the bad rows with
 good ones into Python: with ``on_bad_example="error"`` the first is raised as a ``DataError``
 (file:line or example index, field, expectation, and how many more there are), with ``"skip"``
 they are counted per reason and dropped. Results stay memory-mapped Arrow throughout.
+
+``streaming=True`` does the same work while training reads the data: each piece becomes a
+``datasets.IterableDataset`` whose batched ``map`` runs the same converter and checks, raises the
+first bad example (naming its file and line) under ``"error"``, or drops it and counts it
+(:class:`~sft_plugins.bad_examples.StreamCounts`, shown in the split's summary as it fills)
+under ``"skip"``. Nothing is read before training but each file's first example, which says its
+format.
 """
 
 from __future__ import annotations
@@ -21,11 +28,24 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from datasets import Dataset, DatasetDict, concatenate_datasets
+from datasets import (
+    Dataset,
+    DatasetDict,
+    IterableDataset,
+    IterableDatasetDict,
+    concatenate_datasets,
+)
 from datasets.fingerprint import Hasher
 
 from sft_plugins._version import __version__
-from sft_plugins.bad_examples import QUOTED, OnBadExample, count_skips, describe_location
+from sft_plugins.bad_examples import (
+    QUOTED,
+    OnBadExample,
+    StreamCounts,
+    count_skips,
+    describe_location,
+    merge_counts,
+)
 from sft_plugins.cache_files import cached_step
 from sft_plugins.data.formats import (
     CANONICALISERS,
@@ -40,11 +60,22 @@ from sft_plugins.data.formats import (
 from sft_plugins.data.schema import (
     BAD_MESSAGE,
     BAD_REASON,
+    CONVERSATION_FEATURES,
+    TEXT_FEATURES,
     Kind,
     features_for,
     messages_from_row,
 )
-from sft_plugins.data.sources import RAW, Piece, Source, load_pieces, loads_strict, rename
+from sft_plugins.data.sources import (
+    RAW,
+    RAW_FEATURES,
+    Piece,
+    Source,
+    load_pieces,
+    loads_strict,
+    rename,
+    stream_pieces,
+)
 from sft_plugins.data.summary import DataSummary, SplitSummary
 from sft_plugins.errors import DataError, SkipExample, TemplateError
 from sft_plugins.processes import tokenizers_parallelism_kept
@@ -66,16 +97,19 @@ class ValidatingTemplate(Protocol):
 class SFTData:
     """Prepared training (and evaluation) data, all rows valid, with the preparation summary."""
 
-    train: Dataset
-    eval: Dataset | None
+    train: Dataset | IterableDataset
+    """Memory-mapped rows, or with ``streaming=True`` a stream validated as it is read."""
+    eval: Dataset | IterableDataset | None
     kind: Kind
     """``"conversation"`` (render with a chat template) or ``"text"`` (no template)."""
     summary: DataSummary
 
-    def as_dataset_dict(self) -> DatasetDict:
+    def as_dataset_dict(self) -> DatasetDict | IterableDatasetDict:
         splits = {"train": self.train}
         if self.eval is not None:
             splits["eval"] = self.eval
+        if isinstance(self.train, IterableDataset):
+            return IterableDatasetDict(splits)
         return DatasetDict(splits)
 
 
@@ -94,6 +128,7 @@ def load_sft_dataset(
     num_proc: int | None = None,
     output_dir: str | os.PathLike[str] | None = None,
     cache_dir: str | None = None,
+    streaming: bool = False,
 ) -> SFTData:
     """Load, canonicalise and validate training (and evaluation) data before training starts.
 
@@ -108,22 +143,32 @@ def load_sft_dataset(
     ``data_summary.json`` there. ``eval_split_ratio`` holds out that fraction of the training
     data (after validation, shuffled with ``seed``) when no ``eval_dataset`` is given.
     ``num_proc``: worker processes for preparation (default: every core, for large pieces).
+    ``streaming=True``: ``train`` and ``eval`` are ``datasets.IterableDataset`` streams, each
+    example read, converted and checked while training reads it, under the same
+    ``on_bad_example`` policy (an error then stops training at that example; skips are counted
+    in :attr:`SFTData.summary` as they are met). A ``datasets.IterableDataset`` source is
+    accepted only then. ``eval_split_ratio`` needs the whole data set and is refused.
     """
     if on_bad_example not in ("error", "skip"):
         raise DataError(f"on_bad_example={on_bad_example!r}; expected 'error' or 'skip'")
     if eval_dataset is not None and eval_split_ratio is not None:
         raise DataError("pass eval_dataset or eval_split_ratio, not both")
+    if streaming and eval_split_ratio is not None:
+        raise DataError("eval_split_ratio holds out a fraction of the validated examples, which "
+                        "a stream does not know before it is read; with streaming=True "
+                        "(--streaming) pass eval_dataset (--eval_dataset) instead")
     if eval_split_ratio is not None and not 0 < eval_split_ratio < 1:
         raise DataError(f"eval_split_ratio={eval_split_ratio}; expected a number between 0 and 1")
     options = _Options(format=_format_option(format), column_map=dict(column_map or {}),
                        template=template, on_bad_example=on_bad_example, num_proc=num_proc,
                        cache_dir=cache_dir)
     summary = DataSummary(on_bad_example=on_bad_example)
-    train, kind = _prepare_split("train", train_dataset, split, options, summary)
+    prepare = _stream_split if streaming else _prepare_split
+    train, kind = prepare("train", train_dataset, split, options, summary)
     evaluation = None
     if eval_dataset is not None:
-        evaluation, eval_kind = _prepare_split("eval", eval_dataset, _eval_split(eval_dataset,
-                                               eval_split), options, summary)
+        evaluation, eval_kind = prepare("eval", eval_dataset, _eval_split(eval_dataset,
+                                        eval_split), options, summary)
         if eval_kind != kind:
             raise DataError(f"the training data is {kind} data but the evaluation data is "
                             f"{eval_kind} data; both must use the same kind of format")
@@ -168,6 +213,18 @@ def _eval_split(source: object, eval_split: str | None) -> str:
 def _prepare_split(split_name: str, source: Any, split: str, options: _Options,
                    summary: DataSummary) -> tuple[Dataset, Kind]:
     pieces = load_pieces(source, split=split, cache_dir=options.cache_dir)
+    plans, record = _plan_split(split_name, pieces, options, summary)
+    prepared = [_prepare_piece(piece, fmt, kind, options, record)
+                for piece, (fmt, kind) in zip(pieces, plans, strict=True)]
+    dataset = prepared[0] if len(prepared) == 1 else concatenate_datasets(prepared)
+    if len(dataset) == 0:
+        raise DataError(f"every {split_name} example was skipped as bad:\n{summary.render()}")
+    return dataset, record.kind
+
+
+def _plan_split(split_name: str, pieces: list[Piece], options: _Options,
+                summary: DataSummary) -> tuple[list[tuple[str, Kind]], SplitSummary]:
+    """Every piece's format and kind (one kind for the split), and the split's summary."""
     plans = [_plan(piece, options) for piece in pieces]
     kinds = {kind for _, kind in plans}
     if len(kinds) > 1:
@@ -179,12 +236,63 @@ def _prepare_split(split_name: str, source: Any, split: str, options: _Options,
     record = SplitSummary(split=split_name, sources=[p.name for p in pieces],
                           format="+".join(formats), kind=next(iter(kinds)))
     summary.splits.append(record)
-    prepared = [_prepare_piece(piece, fmt, kind, options, record)
-                for piece, (fmt, kind) in zip(pieces, plans, strict=True)]
-    dataset = prepared[0] if len(prepared) == 1 else concatenate_datasets(prepared)
-    if len(dataset) == 0:
-        raise DataError(f"every {split_name} example was skipped as bad:\n{summary.render()}")
-    return dataset, record.kind
+    return plans, record
+
+
+def _stream_split(split_name: str, source: Any, split: str, options: _Options,
+                  summary: DataSummary) -> tuple[IterableDataset, Kind]:
+    """The split as one stream: each piece (one shard) validated by a batched map, in order."""
+    pieces = stream_pieces(source, split=split, cache_dir=options.cache_dir)
+    plans, record = _plan_split(split_name, pieces, options, summary)
+    record.streaming = True
+    counts = [StreamCounts(f"{split_name} data") for _ in pieces]
+    record.count_with(counts)
+    streams = []
+    for piece, (fmt, kind), piece_counts in zip(pieces, plans, counts, strict=True):
+        validate = _StreamValidator(
+            _Canonicaliser(piece.name, fmt, kind, options.column_map, options.template,
+                           piece.raw),
+            options.on_bad_example, record, piece_counts, counts)
+        streams.append(piece.dataset.map(
+            validate, batched=True, with_indices=True,
+            features=CONVERSATION_FEATURES if kind == "conversation" else TEXT_FEATURES,
+            remove_columns=list(RAW_FEATURES) if piece.raw else list(piece.columns)))
+    return (streams[0] if len(streams) == 1 else concatenate_datasets(streams)), record.kind
+
+
+class _StreamValidator:
+    """The batched map function of a streamed piece: :class:`_Canonicaliser` on the batch,
+    then the bad-example policy at once: raise the first bad example, or drop and count the
+    bad ones (in the piece's :class:`StreamCounts`, which the split's summary adds up)."""
+
+    def __init__(self, canonicalise: _Canonicaliser, on_bad_example: OnBadExample,
+                 record: SplitSummary, counts: StreamCounts,
+                 split_counts: list[StreamCounts]) -> None:
+        self.canonicalise = canonicalise
+        self.on_bad_example = on_bad_example
+        self.record = record
+        self.counts = counts
+        self.split_counts = split_counts
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """Itself: it is where the stream's counts go, and ``datasets`` deep-copies the
+        pipelines it concatenates; a copy would count where nobody looks."""
+        return self
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        out = self.canonicalise(batch, indices)
+        reasons, messages = out.pop(BAD_REASON), out.pop(BAD_MESSAGE)
+        bad = [i for i, reason in enumerate(reasons) if reason is not None]
+        if bad and self.on_bad_example == "error":
+            raise DataError(f"{messages[bad[0]]}. Fix the data, or pass on_bad_example='skip' "
+                            "(--on_bad_example skip) to drop bad examples and report them.")
+        self.counts.add(indices[0] if indices else 0, len(reasons),
+                        [reasons[i] for i in bad], [messages[i] for i in bad])
+        self.record.set_counts(merge_counts([c.counts for c in self.split_counts]))
+        if not bad:
+            return out
+        kept = [i for i, reason in enumerate(reasons) if reason is None]
+        return {column: [values[i] for i in kept] for column, values in out.items()}
 
 
 def _plan(piece: Piece, options: _Options) -> tuple[str, Kind]:

@@ -15,6 +15,11 @@ and hub data sets keep their typed columns.
 
 Every failure to read a source becomes one :class:`~sft_plugins.errors.DataError` that names the
 source and says what to do, never a traceback from inside ``datasets``.
+
+Streamed, the same sources become ``datasets.IterableDataset`` pieces (:func:`stream_pieces`): a
+JSON Lines file is read a block at a time while training reads it (its lines keep their numbers),
+never copied into the cache; other files are read as above and streamed from their memory-mapped
+copy; an ``IterableDataset`` is taken as it is.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ PEEK_LINES = 100
 """How many non-blank lines of a JSON Lines file are read to find the columns of its examples."""
 
 RAW_SCHEMA = pa.schema([(RAW, pa.binary()), ("source_line", pa.int64())])
+RAW_FEATURES = Features({RAW: Value("binary"), "source_line": Value("int64")})
+"""The same two columns, as the features of a streamed JSON Lines piece."""
 RAW_LAYOUT = 1
 """Version of the raw cache files' layout; part of their names."""
 READ_BLOCK = 16 << 20
@@ -61,14 +68,15 @@ READ_BLOCK = 16 << 20
 ARRAY_BLOCK = 10_000
 """Elements of a JSON array file written at a time."""
 
-Source = str | os.PathLike[str] | Dataset | DatasetDict
+Source = str | os.PathLike[str] | Dataset | DatasetDict | IterableDataset
 
 
 @dataclass(frozen=True)
 class Piece:
-    """One file or data set, loaded, with the columns its examples have."""
+    """One file or data set, loaded (or, streamed, opened), with the columns its examples
+    have."""
 
-    dataset: Dataset
+    dataset: Dataset | IterableDataset
     name: str
     columns: tuple[str, ...]
     first_example: dict[str, Any] | None
@@ -86,8 +94,9 @@ def load_pieces(source: Source | Sequence[str | os.PathLike[str]], *, split: str
     if isinstance(source, Dataset):
         return [_in_memory(source, "<in-memory Dataset>")]
     if isinstance(source, IterableDataset):
-        raise DataError("an IterableDataset cannot be validated before training; load it as a "
-                        "Dataset (datasets.load_dataset(..., streaming=False)) instead")
+        raise DataError("an IterableDataset cannot be validated before training; pass "
+                        "streaming=True (--streaming) to validate it while training reads it, or "
+                        "load it as a Dataset (datasets.load_dataset(..., streaming=False))")
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
         raise DataError("no data source given; expected a file, glob, directory, data set or "
@@ -445,6 +454,89 @@ def _from_hub(name: str, split: str, cache_dir: str | None) -> Piece:
         raise DataError(f"{name}: datasets.load_dataset returned {type(dataset).__name__}; "
                         "expected a Dataset")
     return _in_memory(dataset, name)
+
+
+def stream_pieces(source: Source | Sequence[str | os.PathLike[str]], *, split: str = "train",
+                  cache_dir: str | None = None) -> list[Piece]:
+    """Every piece of ``source`` as a ``datasets.IterableDataset`` of one shard, in the order
+    :func:`load_pieces` gives (one shard per file, so ranks can be given whole files)."""
+    if isinstance(source, IterableDataset):
+        return [_iterable_piece(source, "<IterableDataset>")]
+    if isinstance(source, (Dataset, DatasetDict)):
+        return [_streamed(piece) for piece in load_pieces(source, split=split,
+                                                           cache_dir=cache_dir)]
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not items:
+        raise DataError("no data source given; expected a file, glob, directory, data set or "
+                        "data set name")
+    pieces = []
+    for item in items:
+        paths = _resolve(os.fspath(item))
+        if paths is None:
+            pieces.append(_stream_from_hub(os.fspath(item), split, cache_dir))
+        else:
+            pieces.extend(_stream_file(path, cache_dir) for path in paths)
+    return pieces
+
+
+def _streamed(piece: Piece) -> Piece:
+    """A loaded piece streamed from its memory-mapped Arrow rows."""
+    return Piece(piece.dataset.to_iterable_dataset(num_shards=1),  # type: ignore[union-attr]
+                 piece.name, piece.columns, piece.first_example, piece.raw)
+
+
+def _stream_file(path: Path, cache_dir: str | None) -> Piece:
+    """A JSON Lines file read while it is iterated; any other file read as :func:`_from_file`
+    reads it (a JSON array is parsed whole anyway) and streamed from that copy."""
+    try:
+        if data_suffix(path) in JSON_LINES_SUFFIXES or (
+                data_suffix(path) == ".json" and path.stat().st_size and _is_json_lines(path)):
+            if path.stat().st_size == 0 or not _has_content(path):
+                raise DataError(f"{path}: the file is empty; expected at least one example")
+            check_text_encoding(path)
+            first = _first_object(path)
+            dataset = IterableDataset.from_generator(
+                _raw_line_rows, features=RAW_FEATURES, gen_kwargs={"path": str(path)})
+            return Piece(dataset, str(path), tuple(first or ()), first, raw=True)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot be read ({exc}); check the file's permissions and, "
+                        "for .gz files, that it is complete gzip data") from None
+    return _streamed(_from_file(path, cache_dir))
+
+
+def _raw_line_rows(path: str) -> Iterator[dict[str, Any]]:
+    """The generator of a streamed JSON Lines piece: each non-blank line, as raw bytes with
+    its number, read 16 MiB at a time (so memory stays flat however large the file)."""
+    try:
+        for raws, lines in _line_chunks(Path(path)):
+            for raw, line in zip(raws, lines, strict=True):
+                yield {RAW: raw, "source_line": line}
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot be read while streaming it ({exc}); check that the "
+                        "file is still there and, for .gz files, that it is complete gzip "
+                        "data") from None
+
+
+def _iterable_piece(dataset: IterableDataset, name: str) -> Piece:
+    """An ``IterableDataset`` as it is; its columns are its features', else its first row's."""
+    first = next(iter(dataset.take(1)), None)
+    if first is None:
+        raise DataError(f"{name}: the stream has no rows; expected at least one example")
+    columns = tuple(dataset.column_names or first)
+    return Piece(dataset, name, columns, dict(first), raw=False)
+
+
+def _stream_from_hub(name: str, split: str, cache_dir: str | None) -> Piece:
+    try:
+        dataset = load_dataset(name, split=split, cache_dir=cache_dir, streaming=True)
+    except Exception as exc:  # network, auth, unknown name, unknown split: all one message
+        raise DataError(f"{name}: not a local file, and datasets.load_dataset({name!r}, "
+                        f"split={split!r}, streaming=True) failed: {exc}. Check the path or "
+                        "the data set name.") from exc
+    if not isinstance(dataset, IterableDataset):
+        raise DataError(f"{name}: datasets.load_dataset returned {type(dataset).__name__}; "
+                        "expected an IterableDataset")
+    return _iterable_piece(dataset, name)
 
 
 def rename(columns: Sequence[str], column_map: Mapping[str, str] | None) -> tuple[str, ...]:

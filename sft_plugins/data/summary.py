@@ -4,6 +4,10 @@ Reading and validating the data (:mod:`sft_plugins.data.prepare`) fills a :class
 per split; the trainer adds what labelling skipped (too long, nothing left to train...) with
 :meth:`DataSummary.add_preparation`. Both go to one file, ``data_summary.json``, in the output
 directory.
+
+A streamed split is validated while training reads it, so its summary fills as the stream is
+read (:meth:`SplitSummary.set_counts`); ``streaming`` says so, and the trainer writes the file
+again once training ends.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sft_plugins.bad_examples import QUOTED
+from sft_plugins.bad_examples import QUOTED, PassCounts, StreamCounts
 from sft_plugins.data.schema import Kind
 from sft_plugins.files import write_text_atomically
 
@@ -36,12 +40,39 @@ class SplitSummary:
     preparation: dict[str, Any] | None = None
     """What labelling kept of the examples read (``total``, ``kept``, ``skipped`` by reason,
     ``first_skips``), once the trainer has prepared the split."""
+    streaming: bool = False
+    """Validated while training read it: the counts are those of the examples read (one pass
+    over the data, once training has read that far; summed over the ranks that read disjoint
+    parts)."""
 
     @property
     def skipped_total(self) -> int:
         """Examples skipped by the data rules and, once prepared, by labelling."""
         labelling = self.preparation["skipped"].values() if self.preparation else ()
         return sum(self.skipped.values()) + sum(labelling)
+
+    def __post_init__(self) -> None:
+        self._counters: list[StreamCounts] = []
+
+    def count_with(self, counters: list[StreamCounts]) -> None:
+        """The counters of a streamed split's pieces, which :meth:`restart_counts` resets."""
+        self._counters = counters
+
+    def restart_counts(self) -> None:
+        """Count a streamed split from zero: whatever read it before training (a look at its
+        first rows) is forgotten, so each piece is counted by the process that trains on it."""
+        for counter in self._counters:
+            counter.reset()
+        self.set_counts(PassCounts())
+
+    def set_counts(self, counts: PassCounts) -> None:
+        """Take a stream's counts so far (:class:`~sft_plugins.bad_examples.StreamCounts`)."""
+        self.examples, self.kept = counts.examples, counts.kept
+        self.skipped, self.samples = dict(counts.skipped), list(counts.samples[:QUOTED])
+
+    def counts(self) -> PassCounts:
+        """The data rules' counts of this split, as a stream's are kept."""
+        return PassCounts(self.examples, self.kept, dict(self.skipped), list(self.samples))
 
     def add_skipped(self, counts: dict[str, int], samples: list[str]) -> None:
         for reason, count in counts.items():

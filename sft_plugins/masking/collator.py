@@ -13,11 +13,12 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
+from datasets import IterableDataset
 
 from sft_plugins.bad_examples import POLICIES, OnBadExample
 from sft_plugins.batching import pad_batch
 from sft_plugins.errors import MaskingError, PluginOptionError, TemplateError
-from sft_plugins.masking.preparation import PreparedDataset, prepare_dataset
+from sft_plugins.masking.preparation import PreparedDataset, prepare_dataset, prepare_stream
 from sft_plugins.masking.rendering import EXPANSIONS, Expansion, RenderedExample, Weighting
 from sft_plugins.templates import ChatTemplate
 
@@ -167,12 +168,18 @@ class MaskingCollator:
         token id). Subclasses that need more (a marker's text) extend it."""
         self.pad_token_id = self.resolve_pad_token_id(tokenizer, template)
 
-    def prepare(self, dataset: datasets.Dataset, tokenizer: Any,
+    def prepare(self, dataset: datasets.Dataset | datasets.IterableDataset, tokenizer: Any,
                 template: ChatTemplate | None = None, *, num_proc: int | None = None,
                 batch_size: int = 1000,
                 load_from_cache_file: bool | None = None,
-                desc: str | None = "Tokenizing and masking") -> PreparedDataset:
+                desc: str | None = "Tokenizing and masking",
+                split: str = "train") -> PreparedDataset:
         """Tokenize and mask every example once (``datasets.map``, batched, cacheable).
+
+        A ``datasets.IterableDataset`` is labelled the same way, a batch of ``batch_size``
+        rows at a time while it is read (``num_proc``, ``load_from_cache_file`` and ``desc``
+        do not apply); skips are settled as they are met and the report fills as it is read
+        (``split`` names it in the warnings that quote them).
 
         Returns a data set with ``input_ids``, ``labels`` (and ``loss_weights`` when
         :attr:`weighted`) and a report of every skipped example. Errors name the example's
@@ -182,6 +189,9 @@ class MaskingCollator:
         ``on_bad_example="skip"``. Each row is labelled by
         :func:`~sft_plugins.masking.label_examples`.
         """
+        if isinstance(dataset, IterableDataset):
+            return prepare_stream(self, dataset, tokenizer, template, batch_size=batch_size,
+                                  split=split)
         return prepare_dataset(self, dataset, tokenizer, template, num_proc=num_proc,
                                batch_size=batch_size,
                                load_from_cache_file=load_from_cache_file, desc=desc)

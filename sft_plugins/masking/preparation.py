@@ -5,6 +5,10 @@ inside ``datasets.map`` (``num_proc`` and the ``datasets`` cache work), settles 
 could not label with the one bad-example policy (:mod:`sft_plugins.bad_examples`): raise, naming
 where the example came from, or mark it, count it by reason and drop it. The report says what was
 kept and skipped before training starts.
+
+A stream (``datasets.IterableDataset``) is labelled while training reads it: :func:`prepare_stream`
+maps :class:`StreamLabeller`, which runs the same :func:`label_batch` on each batch, settles its
+skips at once (raise, or count and drop) and keeps its report up to date as the stream is read.
 """
 
 from __future__ import annotations
@@ -14,14 +18,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Features, IterableDataset, List, Value
 from datasets.fingerprint import Hasher
 
 from sft_plugins._version import __version__
-from sft_plugins.bad_examples import count_skips, describe_counts, location_of
+from sft_plugins.bad_examples import StreamCounts, count_skips, describe_counts, location_of
 from sft_plugins.cache_files import cached_step
 from sft_plugins.errors import MaskingError, SkipExample
 from sft_plugins.loss import WEIGHTS_KEY
-from sft_plugins.masking.labeller import Labelled, label_examples
+from sft_plugins.masking.labeller import Labelled, label_examples, without_cycle_collection
 from sft_plugins.processes import tokenizers_parallelism_kept
 
 if TYPE_CHECKING:
@@ -83,9 +89,10 @@ class PreparationReport:
 
 @dataclass
 class PreparedDataset:
-    """A prepared data set (``input_ids``, ``labels``, maybe ``loss_weights``) and its report."""
+    """A prepared data set (``input_ids``, ``labels``, maybe ``loss_weights``) and its report
+    (for a stream, one that fills as the stream is read)."""
 
-    dataset: datasets.Dataset
+    dataset: datasets.Dataset | datasets.IterableDataset
     report: PreparationReport
 
 
@@ -114,7 +121,16 @@ def label_batch(batch: Mapping[str, list[Any]], indices: Sequence[int], *,
                 template: ChatTemplate | None) -> pa.Table:
     """The ``datasets.map`` function: :func:`label_examples` on the batch's rows, as an Arrow
     table with explicit column types, one row per example (a row the collator expands gives
-    several); a skipped example is empty, with its reason and message."""
+    several); a skipped example is empty, with its reason and message. Python's cycle
+    collector waits until the batch's objects are gone
+    (:func:`~sft_plugins.masking.labeller.without_cycle_collection`)."""
+    with without_cycle_collection():
+        return _labelled_table(batch, indices, collator, tokenizer, template)
+
+
+def _labelled_table(batch: Mapping[str, list[Any]], indices: Sequence[int],
+                    collator: MaskingCollator, tokenizer: Any,
+                    template: ChatTemplate | None) -> pa.Table:
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     columns: dict[str, list[Any]] = {name: [] for name in COLUMN_TYPES
                                      if name != WEIGHTS_KEY or collator.weighted}
@@ -189,4 +205,68 @@ def _kept(reasons: list[str | None]) -> list[bool]:
     return [reason is None for reason in reasons]
 
 
-__all__ = ["PreparationReport", "PreparedDataset", "label_batch", "prepare_dataset"]
+def labelled_features(weighted: bool) -> Features:
+    """The declared columns of a labelled stream (``datasets`` cannot infer a mapped stream's,
+    and the collator and the packer need them)."""
+    features = {"input_ids": List(Value("int32")), "labels": List(Value("int32"))}
+    if weighted:
+        features[WEIGHTS_KEY] = List(Value("float32"))
+    return Features(features)
+
+
+def prepare_stream(collator: MaskingCollator, dataset: IterableDataset, tokenizer: Any,
+                   template: ChatTemplate | None, *, batch_size: int,
+                   split: str = "train") -> PreparedDataset:
+    """:meth:`MaskingCollator.prepare` for a stream: bind, then label each batch of
+    ``batch_size`` rows as training reads it. The report fills as the stream is read."""
+    collator.bind(tokenizer, template)
+    report = PreparationReport(total=0, kept=0)
+    labeller = StreamLabeller(collator, tokenizer, template, report,
+                              StreamCounts(f"{split} labelling"))
+    columns = dataset.column_names or list(next(iter(dataset.take(1)), {}))
+    stream = dataset.map(labeller, batched=True, batch_size=batch_size, with_indices=True,
+                         features=labelled_features(collator.weighted), remove_columns=columns)
+    return PreparedDataset(stream, report)
+
+
+class StreamLabeller:
+    """The batched ``IterableDataset.map`` function of a labelled stream: :func:`label_batch`,
+    then its skips settled at once (the policy raised already in :func:`label_batch`; what is
+    left is counted in :attr:`counts` and dropped) and :attr:`report` brought up to date."""
+
+    def __init__(self, collator: MaskingCollator, tokenizer: Any,
+                 template: ChatTemplate | None, report: PreparationReport,
+                 counts: StreamCounts) -> None:
+        self.collator = collator
+        self.tokenizer = tokenizer
+        self.template = template
+        self.report = report
+        self.counts = counts
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        """Itself: it is where the stream's counts go, and ``datasets`` deep-copies the
+        pipelines it concatenates; a copy would count where nobody looks."""
+        return self
+
+    def __call__(self, batch: Mapping[str, list[Any]], indices: Sequence[int]) -> dict[str, list]:
+        table = label_batch(batch, indices, collator=self.collator, tokenizer=self.tokenizer,
+                            template=self.template)
+        reasons = table.column(SKIP_COLUMN)
+        bad = count_skips(reasons)
+        samples: list[str] = []
+        if bad.total:
+            samples = table.column(DETAIL_COLUMN).take(bad.positions[:QUOTED_SKIPS]).to_pylist()
+            table = table.filter(pc.is_null(reasons))
+        self.counts.add(indices[0] if len(indices) else 0, len(reasons),
+                        pc.drop_null(reasons).to_pylist() if bad.total else [], samples,
+                        rows=len(indices))
+        counts = self.counts.counts
+        self.report.total, self.report.kept = counts.examples, counts.kept
+        self.report.skipped = counts.skipped
+        self.report.first_skips = counts.samples[:QUOTED_SKIPS]
+        self.report.rows = counts.rows if self.collator.expand != "off" else None
+        return table.drop_columns([SKIP_COLUMN, DETAIL_COLUMN]).to_pydict()
+
+
+__all__ = ["PreparationReport", "PreparedDataset", "StreamLabeller", "label_batch",
+           "labelled_features", "prepare_dataset", "prepare_stream"]
