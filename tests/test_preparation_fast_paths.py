@@ -149,3 +149,37 @@ def test_a_tokenizer_with_its_own_get_vocab_is_asked_through_it() -> None:
             return {"<pad>": 0}
 
     assert _in_vocabulary(Own())("<pad>") and not _in_vocabulary(Own())("<eos>")
+
+
+# -------------------------------------------------------------------- cache key -----------
+
+
+def test_only_data_that_datasets_caches_pays_for_hashing_the_tokenizer(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache key serialises the whole tokenizer: in-memory rows (no cache file to write)
+    are labelled without it, rows read from a cache file get the same key run after run."""
+    from datasets import Dataset, load_from_disk
+    from datasets.fingerprint import Hasher
+
+    from sft_plugins.masking import preparation
+    from sft_plugins.testing import plugin_manager
+
+    manager = plugin_manager(with_first_party=True)
+    template = manager.templates.get("llama-3.1")
+    tokenizer = template.configure_tokenizer(llama_tokenizer())
+    rows = [{"messages": [{"role": "user", "content": f"hi {i}"},
+                          {"role": "assistant", "content": f"hello {i}"}]} for i in range(4)]
+    hashed: list[Any] = []
+    monkeypatch.setattr(preparation, "Hasher", type("Counting", (), {"hash": staticmethod(
+        lambda value: hashed.append(value) or Hasher.hash(value))}))
+
+    def prepared(dataset: Dataset) -> Any:
+        collator = manager.collators.create("assistant-only")
+        return collator.prepare(dataset, tokenizer, template, desc=None).dataset
+
+    in_memory = prepared(Dataset.from_list(rows))
+    assert hashed == [] and in_memory["input_ids"]
+    Dataset.from_list(rows).save_to_disk(tmp_path / "rows")
+    on_disk = [prepared(load_from_disk(tmp_path / "rows")) for _ in range(2)]
+    assert len(hashed) == 2 and on_disk[0]._fingerprint == on_disk[1]._fingerprint
+    assert on_disk[0]["input_ids"] == in_memory["input_ids"]
