@@ -7,6 +7,7 @@ Each subcommand is a small function here or in its own module under ``sft_plugin
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import typing
 
@@ -104,7 +105,19 @@ def list_command(as_json: bool) -> None:
                       f"{escape(str(error['error']))}", highlight=False)
 
 
+class _WithoutKernelHubWarning(logging.Filter):
+    """Drops the warning bitsandbytes logs on import, on CPUs with AVX512-BF16, that it could
+    not fetch its optional 4-bit CPU kernel from the Hugging Face hub (``pip install kernels``):
+    it falls back to its own, and the line would stand above every command's output, one-line
+    errors included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
 def _attach_subcommands() -> None:
+    # the commands import peft, which imports bitsandbytes
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_WithoutKernelHubWarning())
     from sft_plugins.commands.chat import chat_command
     from sft_plugins.commands.check_data import check_data_command
     from sft_plugins.commands.demo import demo_command

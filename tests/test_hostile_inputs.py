@@ -323,3 +323,22 @@ def test_a_full_data_cache_is_named_not_blamed_on_the_data_file(tmp_path: Path,
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in output, output[-2000:]
     assert f"cannot write its copy into the data cache {cache}" in errors[0], errors[0]
+
+
+def test_a_user_error_from_the_installed_command_is_its_only_line(tmp_path: Path) -> None:
+    """In a fresh process, as a user runs it: nothing a dependency logs on import (bitsandbytes
+    warns on some CPUs that it cannot fetch a kernel from the hub) stands above the error."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "sft_plugins", "train", "--model_name_or_path",
+         str(tmp_path / "no-model"), "--dataset", str(data), "--output_dir",
+         str(tmp_path / "out"), "--streaming", "true"],
+        capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and result.stdout == "", result.stdout[-2000:]
+    assert result.stderr.splitlines() == [
+        "error: --streaming needs --max_steps: a stream has no length, so the number of "
+        "optimizer steps cannot follow from --num_train_epochs; give --max_steps N"]

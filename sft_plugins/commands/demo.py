@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 import click
@@ -32,9 +31,6 @@ def demo_command(output_dir: str, max_steps: int, per_device_train_batch_size: i
                  no_early_stopping: bool, seed: int) -> None:
     """Fine-tune a tiny Llama to sort letters: completion-only masking, NEFTune, no download."""
     started = time.perf_counter()
-    # bitsandbytes (imported through peft) warns on import, on some CPUs, that it cannot fetch
-    # a 4-bit kernel from a hub; the demo quantizes nothing
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from tqdm.auto import tqdm
 
     from sft_plugins.demo import run_demo
