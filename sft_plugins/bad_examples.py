@@ -140,6 +140,15 @@ class StreamCounts:
         return replace(best, skipped=dict(best.skipped), samples=list(best.samples))
 
 
+class CountingMapFunction:
+    """Base of the batched ``IterableDataset.map`` functions that count what a stream holds
+    (skips, packed rows) as it is read. ``datasets`` deep-copies the pipelines it concatenates,
+    and a copy would count where nobody looks: a copy of such a function is the function."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return self
+
+
 def merge_counts(counts: Sequence[PassCounts]) -> PassCounts:
     """The counts of several disjoint parts of a stream (one per rank) as one."""
     merged = PassCounts()
@@ -153,6 +162,6 @@ def merge_counts(counts: Sequence[PassCounts]) -> PassCounts:
     return merged
 
 
-__all__ = ["POLICIES", "QUOTED", "OnBadExample", "PassCounts", "SkipCount", "StreamCounts",
-           "count_skips", "describe_counts", "describe_location", "location_of",
-           "merge_counts"]
+__all__ = ["POLICIES", "QUOTED", "CountingMapFunction", "OnBadExample", "PassCounts",
+           "SkipCount", "StreamCounts", "count_skips", "describe_counts", "describe_location",
+           "location_of", "merge_counts"]

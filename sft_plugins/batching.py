@@ -53,6 +53,7 @@ import torch
 from datasets import Dataset, Features, IterableDataset, List, Value
 
 from sft_plugins.arrow_rows import visible_rows
+from sft_plugins.bad_examples import CountingMapFunction
 from sft_plugins.errors import DataError, MaskingError
 from sft_plugins.loss import IGNORE_INDEX, WEIGHTS_KEY
 
@@ -304,7 +305,7 @@ _STREAM_FEATURES = {"input_ids": List(Value("int32")), "labels": List(Value("int
 """The columns of a packed stream, declared: ``datasets`` cannot infer a mapped stream's."""
 
 
-class StreamPacker:
+class StreamPacker(CountingMapFunction):
     """The batched ``IterableDataset.map`` function that packs a stream: each batch of the next
     ``buffer_size`` prepared examples is packed best-fit decreasing (:func:`pack_table`) into
     rows of at most ``max_length`` tokens, which leave before the next batch is read. Memory
@@ -318,11 +319,6 @@ class StreamPacker:
         self.max_length = max_length
         self.buffer_size = buffer_size
         self.examples = self.rows = self.tokens = 0
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        """Itself: it is where the stream's counts go, and ``datasets`` deep-copies the
-        pipelines it concatenates; a copy would count where nobody looks."""
-        return self
 
     def __call__(self, batch: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
         _check_prepared(list(batch))

@@ -40,6 +40,7 @@ from datasets.fingerprint import Hasher
 from sft_plugins._version import __version__
 from sft_plugins.bad_examples import (
     QUOTED,
+    CountingMapFunction,
     OnBadExample,
     StreamCounts,
     count_skips,
@@ -260,7 +261,7 @@ def _stream_split(split_name: str, source: Any, split: str, options: _Options,
     return (streams[0] if len(streams) == 1 else concatenate_datasets(streams)), record.kind
 
 
-class _StreamValidator:
+class _StreamValidator(CountingMapFunction):
     """The batched map function of a streamed piece: :class:`_Canonicaliser` on the batch,
     then the bad-example policy at once: raise the first bad example, or drop and count the
     bad ones (in the piece's :class:`StreamCounts`, which the split's summary adds up)."""
@@ -273,11 +274,6 @@ class _StreamValidator:
         self.record = record
         self.counts = counts
         self.split_counts = split_counts
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        """Itself: it is where the stream's counts go, and ``datasets`` deep-copies the
-        pipelines it concatenates; a copy would count where nobody looks."""
-        return self
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         out = self.canonicalise(batch, indices)

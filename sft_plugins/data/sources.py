@@ -34,7 +34,7 @@ import os
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -97,6 +97,15 @@ def load_pieces(source: Source | Sequence[str | os.PathLike[str]], *, split: str
         raise DataError("an IterableDataset cannot be validated before training; pass "
                         "streaming=True (--streaming) to validate it while training reads it, or "
                         "load it as a Dataset (datasets.load_dataset(..., streaming=False))")
+    return _named_pieces(source, split, cache_dir, _from_hub, _from_file)
+
+
+def _named_pieces(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                  split: str, cache_dir: str | None,
+                  from_hub: Callable[[str, str, str | None], Piece],
+                  from_file: Callable[[Path, str | None], Piece]) -> list[Piece]:
+    """The pieces of paths, globs, directories and hub names, each file or hub name opened by
+    ``from_file`` or ``from_hub`` (read whole, or streamed)."""
     items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not items:
         raise DataError("no data source given; expected a file, glob, directory, data set or "
@@ -105,9 +114,9 @@ def load_pieces(source: Source | Sequence[str | os.PathLike[str]], *, split: str
     for item in items:
         paths = _resolve(os.fspath(item))
         if paths is None:
-            pieces.append(_from_hub(os.fspath(item), split, cache_dir))
+            pieces.append(from_hub(os.fspath(item), split, cache_dir))
         else:
-            pieces.extend(_from_file(path, cache_dir) for path in paths)
+            pieces.extend(from_file(path, cache_dir) for path in paths)
     return pieces
 
 
@@ -444,16 +453,24 @@ def _in_memory(dataset: Dataset, name: str) -> Piece:
 
 
 def _from_hub(name: str, split: str, cache_dir: str | None) -> Piece:
+    return _in_memory(_hub_dataset(name, split, cache_dir, streaming=False), name)
+
+
+def _hub_dataset(name: str, split: str, cache_dir: str | None, *,
+                 streaming: bool) -> Dataset | IterableDataset:
+    """``datasets.load_dataset(name)``'s split, any failure one :class:`DataError`."""
+    call = f"datasets.load_dataset({name!r}, split={split!r}{', streaming=True' * streaming})"
     try:
-        dataset = load_dataset(name, split=split, cache_dir=cache_dir)
+        dataset = load_dataset(name, split=split, cache_dir=cache_dir,
+                               **({"streaming": True} if streaming else {}))
     except Exception as exc:  # network, auth, unknown name, unknown split: all one message
-        raise DataError(f"{name}: not a local file, and datasets.load_dataset({name!r}, "
-                        f"split={split!r}) failed: {exc}. Check the path or the data set "
-                        "name.") from exc
-    if not isinstance(dataset, Dataset):
+        raise DataError(f"{name}: not a local file, and {call} failed: {exc}. Check the path "
+                        "or the data set name.") from exc
+    expected = IterableDataset if streaming else Dataset
+    if not isinstance(dataset, expected):
         raise DataError(f"{name}: datasets.load_dataset returned {type(dataset).__name__}; "
-                        "expected a Dataset")
-    return _in_memory(dataset, name)
+                        f"expected {'an' if streaming else 'a'} {expected.__name__}")
+    return dataset
 
 
 def stream_pieces(source: Source | Sequence[str | os.PathLike[str]], *, split: str = "train",
@@ -465,18 +482,7 @@ def stream_pieces(source: Source | Sequence[str | os.PathLike[str]], *, split: s
     if isinstance(source, (Dataset, DatasetDict)):
         return [_streamed(piece) for piece in load_pieces(source, split=split,
                                                            cache_dir=cache_dir)]
-    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    if not items:
-        raise DataError("no data source given; expected a file, glob, directory, data set or "
-                        "data set name")
-    pieces = []
-    for item in items:
-        paths = _resolve(os.fspath(item))
-        if paths is None:
-            pieces.append(_stream_from_hub(os.fspath(item), split, cache_dir))
-        else:
-            pieces.extend(_stream_file(path, cache_dir) for path in paths)
-    return pieces
+    return _named_pieces(source, split, cache_dir, _stream_from_hub, _stream_file)
 
 
 def _streamed(piece: Piece) -> Piece:
@@ -527,16 +533,8 @@ def _iterable_piece(dataset: IterableDataset, name: str) -> Piece:
 
 
 def _stream_from_hub(name: str, split: str, cache_dir: str | None) -> Piece:
-    try:
-        dataset = load_dataset(name, split=split, cache_dir=cache_dir, streaming=True)
-    except Exception as exc:  # network, auth, unknown name, unknown split: all one message
-        raise DataError(f"{name}: not a local file, and datasets.load_dataset({name!r}, "
-                        f"split={split!r}, streaming=True) failed: {exc}. Check the path or "
-                        "the data set name.") from exc
-    if not isinstance(dataset, IterableDataset):
-        raise DataError(f"{name}: datasets.load_dataset returned {type(dataset).__name__}; "
-                        "expected an IterableDataset")
-    return _iterable_piece(dataset, name)
+    stream = _hub_dataset(name, split, cache_dir, streaming=True)
+    return _iterable_piece(stream, name)  # type: ignore[arg-type]
 
 
 def rename(columns: Sequence[str], column_map: Mapping[str, str] | None) -> tuple[str, ...]:

@@ -23,7 +23,13 @@ from datasets import Features, IterableDataset, List, Value
 from datasets.fingerprint import Hasher, generate_random_fingerprint, is_caching_enabled
 
 from sft_plugins._version import __version__
-from sft_plugins.bad_examples import StreamCounts, count_skips, describe_counts, location_of
+from sft_plugins.bad_examples import (
+    CountingMapFunction,
+    StreamCounts,
+    count_skips,
+    describe_counts,
+    location_of,
+)
 from sft_plugins.cache_files import cached_step
 from sft_plugins.errors import MaskingError, SkipExample
 from sft_plugins.loss import WEIGHTS_KEY
@@ -234,7 +240,7 @@ def prepare_stream(collator: MaskingCollator, dataset: IterableDataset, tokenize
     return PreparedDataset(stream, report)
 
 
-class StreamLabeller:
+class StreamLabeller(CountingMapFunction):
     """The batched ``IterableDataset.map`` function of a labelled stream: :func:`label_batch`,
     then its skips settled at once (the policy raised already in :func:`label_batch`; what is
     left is counted in :attr:`counts` and dropped) and :attr:`report` brought up to date."""
@@ -247,11 +253,6 @@ class StreamLabeller:
         self.template = template
         self.report = report
         self.counts = counts
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        """Itself: it is where the stream's counts go, and ``datasets`` deep-copies the
-        pipelines it concatenates; a copy would count where nobody looks."""
-        return self
 
     def __call__(self, batch: Mapping[str, list[Any]], indices: Sequence[int]) -> dict[str, list]:
         table = label_batch(batch, indices, collator=self.collator, tokenizer=self.tokenizer,
