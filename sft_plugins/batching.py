@@ -52,7 +52,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Features, IterableDataset, List, Value
 
-from sft_plugins.arrow_rows import visible_rows
+from sft_plugins.arrow_rows import column_names, visible_rows
 from sft_plugins.bad_examples import CountingMapFunction
 from sft_plugins.errors import DataError, MaskingError
 from sft_plugins.loss import IGNORE_INDEX, WEIGHTS_KEY
@@ -344,7 +344,7 @@ def pack_stream(stream: IterableDataset, max_length: int | None,
         raise DataError("packing needs a row length: pass packing_max_length, or give the "
                         "collator a max_length")
     packer = StreamPacker(max_length, buffer_size)
-    columns = stream.column_names or list(next(iter(stream.take(1)), {}))
+    columns = column_names(stream)
     features = Features({name: feature for name, feature in _STREAM_FEATURES.items()
                          if name in columns or name == "position_ids"})
     return stream.map(packer, batched=True, batch_size=buffer_size, features=features,

@@ -66,7 +66,7 @@ from transformers.trainer_utils import (
     unwrap_peft_model,
 )
 
-from sft_plugins.arrow_rows import visible_rows
+from sft_plugins.arrow_rows import column_names, visible_rows
 from sft_plugins.attention import attend_packed_rows_by_example
 from sft_plugins.bad_examples import PassCounts, merge_counts
 from sft_plugins.batching import (
@@ -116,14 +116,6 @@ def _embedding_rows(model: nn.Module | None) -> int | None:
     core = _core_model(model) if model is not None else None
     embedding = core.get_input_embeddings() if hasattr(core, "get_input_embeddings") else None
     return getattr(embedding, "num_embeddings", None)
-
-
-def column_names(dataset: Dataset | IterableDataset) -> list[str]:
-    """A data set's columns; a stream whose features are not known shows its first row's."""
-    names = dataset.column_names
-    if names is None:
-        names = list(next(iter(dataset.take(1)), {}))
-    return list(names)
 
 
 def _head_is_plain_linear(head: nn.Module | None) -> bool:
@@ -898,5 +890,5 @@ def trained_token_summary(dataset: Dataset) -> str:
     return f"{total} tokens, {trained} trained ({fraction:.1%})"
 
 
-__all__ = ["DEFAULT_COLLATOR_SAMPLE", "SFTPluginTrainer", "column_names",
+__all__ = ["DEFAULT_COLLATOR_SAMPLE", "SFTPluginTrainer",
            "default_collator_name", "labels_from_token_masks", "trained_token_summary"]

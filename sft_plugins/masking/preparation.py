@@ -23,6 +23,7 @@ from datasets import Features, IterableDataset, List, Value
 from datasets.fingerprint import Hasher, generate_random_fingerprint, is_caching_enabled
 
 from sft_plugins._version import __version__
+from sft_plugins.arrow_rows import column_names
 from sft_plugins.bad_examples import (
     CountingMapFunction,
     StreamCounts,
@@ -234,7 +235,7 @@ def prepare_stream(collator: MaskingCollator, dataset: IterableDataset, tokenize
     report = PreparationReport(total=0, kept=0)
     labeller = StreamLabeller(collator, tokenizer, template, report,
                               StreamCounts(f"{split} labelling"))
-    columns = dataset.column_names or list(next(iter(dataset.take(1)), {}))
+    columns = column_names(dataset)
     stream = dataset.map(labeller, batched=True, batch_size=batch_size, with_indices=True,
                          features=labelled_features(collator.weighted), remove_columns=columns)
     return PreparedDataset(stream, report)
