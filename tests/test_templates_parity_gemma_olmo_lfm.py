@@ -44,7 +44,8 @@ from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
-from sft_plugins.errors import ConversationError, MaskingError
+from sft_plugins.data import load_sft_dataset, messages_from_row
+from sft_plugins.errors import ConversationError, DataError, MaskingError
 from sft_plugins.templates import ChatTemplate
 
 FAMILIES = {
@@ -505,3 +506,59 @@ def test_olmo_3_trains_inline_reasoning_in_every_turn(tmp_path: Path) -> None:
     prepared = prepare_rows(tmp_path, tokenizer, chat, [row], "assistant-only")
     assert trained_text(tokenizer, prepared.dataset[0]) == \
         "<think>Two.</think>4<|im_end|><think>Three.</think>6<|endoftext|>"
+
+
+OLMO_FUNCTION_CALLING = {"messages": [
+    {"role": "system", "content": "Use the tools.", "functions": '[{"name": "add"}]'},
+    {"role": "user", "content": "3+3?"},
+    {"role": "assistant", "content": "", "function_calls": "add(a=3, b=3)"},
+    {"role": "environment", "content": "6"},
+    {"role": "assistant", "content": "<think>The tool said 6.</think>6"},
+]}
+
+
+def test_olmo_3_function_calling_data_trains_from_a_file(tmp_path: Path) -> None:
+    """OLMo's ``functions``, ``function_calls`` and ``environment`` messages come through the
+    loader, render as the official template renders them, and the call is trained (a turn
+    with only calls is something to train)."""
+    chat = template("olmo-3")
+    tokenizer = family_tokenizer(chat)
+    path = tmp_path / "olmo.jsonl"
+    path.write_text(json.dumps(OLMO_FUNCTION_CALLING) + "\n")
+    loaded = load_sft_dataset(str(path), template=chat).train
+    assert messages_from_row(loaded[0]) == OLMO_FUNCTION_CALLING["messages"]
+    official = tokenizer.apply_chat_template(
+        OLMO_FUNCTION_CALLING["messages"], chat_template=official_text(FAMILIES["olmo-3"]),
+        tokenize=False, bos_token=chat.bos_token, eos_token=chat.eos_token)
+    assert chat.render(messages_from_row(loaded[0])).text == official
+    assert '<functions>[{"name": "add"}]</functions>' in official
+    only_calls = {"messages": OLMO_FUNCTION_CALLING["messages"][:3]}
+    prepared = prepare_rows(tmp_path, tokenizer, chat, [OLMO_FUNCTION_CALLING, only_calls],
+                            "assistant-only")
+    assert [trained_text(tokenizer, row) for row in prepared.dataset] == [
+        "<function_calls>add(a=3, b=3)</function_calls><|im_end|>"
+        "<think>The tool said 6.</think>6<|endoftext|>",
+        "<function_calls>add(a=3, b=3)</function_calls><|endoftext|>",
+    ]
+
+
+@pytest.mark.parametrize("field", ["functions", "function_calls"])
+def test_olmo_function_fields_are_refused_by_other_families(field: str, tmp_path: Path) -> None:
+    """A family whose template has no place for them would drop them in silence: the loader
+    names the file, line and rule, or skips the row."""
+    chat = template("llama-3.1")
+    if field == "functions":
+        messages, index = [{**ask(), "functions": "[]"}, ANSWER], 0
+    else:
+        messages, index = [ask(), {**ANSWER, "function_calls": "f()"}], 1
+    with pytest.raises(ConversationError) as caught:
+        chat.render(messages)
+    assert (caught.value.rule, caught.value.message_index) == ("no-function-fields", index)
+    path = tmp_path / "llama.jsonl"
+    path.write_text(json.dumps({"messages": [ask(), ANSWER]}) + "\n"
+                    + json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(DataError, match=rf"llama\.jsonl:2: field 'messages\[{index}\]': "
+                                        rf"llama-3\.1: .* cannot express OLMo's '{field}'"):
+        load_sft_dataset(str(path), template=chat)
+    skipped = load_sft_dataset(str(path), template=chat, on_bad_example="skip")
+    assert len(skipped.train) == 1

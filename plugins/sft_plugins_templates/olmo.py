@@ -23,7 +23,7 @@ EOS = "<|endoftext|>"
 """The template closes a conversation's last assistant message with it (earlier ones with
 ``<|im_end|>``): the end of turn a one-exchange example, the common case, trains."""
 
-FUNCTION_FIELDS = {"functions": ("system", "user"), "function_calls": ("assistant",)}
+FUNCTION_ROLES = {"functions": ("system", "user"), "function_calls": ("assistant",)}
 """OLMo's function-calling fields and the roles whose turns render them."""
 
 
@@ -31,7 +31,7 @@ def _function_fields(messages: Sequence[Mapping[str, Any]], tools: Any) -> None:
     """The template concatenates ``functions`` and ``function_calls`` as text, and renders each
     only on the roles that carry it: anything else would fail or vanish."""
     for index, message in enumerate(messages):
-        for field, roles in FUNCTION_FIELDS.items():
+        for field, roles in FUNCTION_ROLES.items():
             value = message.get(field)
             if value is None:
                 continue
@@ -59,7 +59,7 @@ OLMO_3 = ChatTemplate(
     fixes=("marks each assistant turn (content, function calls and its closing token: "
            "<|im_end|>, or <|endoftext|> for the last message) with {% generation %}",),
     roles=("system", "user", "assistant", "environment"), system="anywhere",
-    checks=(_function_fields,),
+    function_fields=True, checks=(_function_fields,),
 )
 
 TEMPLATES = (OLMO_3,)

@@ -28,8 +28,13 @@ from typing import Any
 from sft_plugins.data.schema import REASONING_KEYS, Kind
 from sft_plugins.errors import DataError, SkipExample
 
-KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "environment")
 """Roles any template might accept; a template's own ``validate`` narrows them further."""
+
+OPTIONAL_STRINGS = ("tool_call_id", "name", "functions", "function_calls")
+"""Message fields kept as the strings they are when present: a tool result's call id and name,
+and OLMo 3's ``functions`` (on a system or user message) and ``function_calls`` (on an assistant
+message), which its template writes as text."""
 
 SHAREGPT_ROLES = {
     "system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -186,10 +191,9 @@ def _message(value: Any, field: str, *, role_key: str = "role", content_key: str
         "content": _string(content, f"{field}.{content_key}"),
         "tool_calls": tool_calls,
         "reasoning_content": _reasoning(value, field),
-        "tool_call_id": None,
-        "name": None,
+        **dict.fromkeys(OPTIONAL_STRINGS),
     }
-    for optional in ("tool_call_id", "name"):
+    for optional in OPTIONAL_STRINGS:
         if value.get(optional) is not None:
             message[optional] = _string(value[optional], f"{field}.{optional}",
                                         reason="bad_field_type")
@@ -221,7 +225,7 @@ def _plain_message(value: Any) -> dict[str, str | None] | None:
         role, content = value.get("role"), value.get("content")
         if type(role) is str and type(content) is str:
             return {"role": role, "content": content, "reasoning_content": None,
-                    "tool_calls": None, "tool_call_id": None, "name": None}
+                    "tool_calls": None, **dict.fromkeys(OPTIONAL_STRINGS)}
     return None
 
 
@@ -267,7 +271,7 @@ def _alpaca(example: Mapping[str, Any]) -> dict[str, Any]:
 
 def _plain(role: str, content: str) -> dict[str, str | None]:
     return {"role": role, "content": content, "reasoning_content": None, "tool_calls": None,
-            "tool_call_id": None, "name": None}
+            **dict.fromkeys(OPTIONAL_STRINGS)}
 
 
 def _prompt_completion(example: Mapping[str, Any]) -> dict[str, Any]:
@@ -319,7 +323,7 @@ def check_conversation(format_name: str, messages: list[dict[str, str | None]],
     """The rules every conversation meets whatever its template: known roles, something to train.
 
     Something to train is an assistant turn (in the completion, for prompt/completion data)
-    with non-empty content or at least one tool call.
+    with non-empty content, at least one tool call, or OLMo's ``function_calls``.
     """
     if not messages:
         raise SkipExample("no_messages", "the conversation is empty", field="messages",
@@ -330,7 +334,8 @@ def check_conversation(format_name: str, messages: list[dict[str, str | None]],
                               field=f"{message_field(format_name, i, completion_index)}.role",
                               expected=f"one of {', '.join(KNOWN_ROLES)}")
     start = completion_index or 0
-    if not any(m["role"] == "assistant" and ((m["content"] or "").strip() or m["tool_calls"])
+    if not any(m["role"] == "assistant"
+               and ((m["content"] or "").strip() or m["tool_calls"] or m["function_calls"])
                for m in messages[start:]):
         where = {"prompt_completion": "completion", "alpaca": "output",
                  "sharegpt": "conversations"}.get(format_name, "messages")

@@ -1,7 +1,8 @@
 """The canonical columns every prepared data set has, and how to read a row back.
 
 Two kinds of prepared data exist. A *conversation* row holds ``messages`` (each with ``role``,
-``content`` and, where present, ``tool_calls``, ``tool_call_id`` and ``name``), the ``tools``
+``content`` and, where present, ``tool_calls``, ``tool_call_id``, ``name`` and OLMo's
+``functions``/``function_calls``), the ``tools``
 offered to the model, and ``completion_index``: the index of the first message that belongs to
 the completion of prompt/completion data (``None`` when every assistant turn is a candidate for
 training). A *text* row holds ``text`` and ``completion_offset``: the character where the
@@ -28,9 +29,12 @@ from datasets import Features, List, Value
 
 Kind = Literal["conversation", "text"]
 
-MESSAGE_FIELDS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name")
+MESSAGE_FIELDS = ("role", "content", "reasoning_content", "tool_calls", "tool_call_id", "name",
+                  "functions", "function_calls")
 """Keys a canonical message may carry; ``tool_calls`` is JSON text. ``reasoning_content`` is an
-assistant turn's reasoning, read from ``reasoning_content``, ``thinking`` or ``reasoning``."""
+assistant turn's reasoning, read from ``reasoning_content``, ``thinking`` or ``reasoning``.
+``functions`` and ``function_calls`` are OLMo 3's own function calling (strings the template
+writes as they are), kept so that only a template that renders them accepts them."""
 
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 """Where data sets put an assistant turn's reasoning (OpenAI-style APIs, TRL, others), in the

@@ -192,7 +192,8 @@ def _render_messages(prompt: list[dict[str, Any]], rest: list[dict[str, Any]],
     if template is None:
         raise MaskingError("conversational data needs a chat template; name one with "
                            "--chat_template or pass template= to prepare()")
-    if completion and not any(m.get("content") or m.get("tool_calls") for m in rest):
+    if completion and not any(m.get("content") or m.get("tool_calls") or m.get("function_calls")
+                              for m in rest):
         raise DataError("the completion has no message with content; nothing to train on")
     messages = [*prompt, *rest]
     rendered = template.render(messages, tools=tools)

@@ -34,6 +34,9 @@ Check = Callable[[Sequence[Mapping[str, Any]], Any], None]
 
 TOOL_RESULT_ROLES = ("tool", "ipython")
 """Roles that carry a tool's output back (``ipython`` is Llama 3.1's name for it)."""
+FUNCTION_FIELDS = ("functions", "function_calls")
+"""OLMo 3's function calling: a function list on a system or user message, the calls an
+assistant message makes (strings, written as they are)."""
 
 
 
@@ -99,9 +102,9 @@ class ChatTemplate:
 
     Validation rules: ``roles`` accepted; ``system`` is ``"first"`` (one system message, first),
     ``"anywhere"`` or ``"none"``; ``alternate`` demands user/assistant alternation starting with a
-    user turn; ``tools``, ``tool_calls`` and ``reasoning`` (an assistant turn's
-    ``reasoning_content``) say whether the family can express them;
-    ``checks`` adds family-specific rules.
+    user turn; ``tools``, ``tool_calls``, ``reasoning`` (an assistant turn's
+    ``reasoning_content``) and ``function_fields`` (OLMo 3's ``functions`` and ``function_calls``
+    strings) say whether the family can express them; ``checks`` adds family-specific rules.
     """
 
     name: str
@@ -124,6 +127,7 @@ class ChatTemplate:
     tools: bool = False
     tool_calls: bool = False
     reasoning: bool = False
+    function_fields: bool = False
     checks: tuple[Check, ...] = ()
 
     def __hash__(self) -> int:
@@ -207,6 +211,8 @@ class ChatTemplate:
                                  else "this template cannot express tool calls")
             _check_tool_calls(self, index, calls)
         self._validate_reasoning(index, message)
+        if not self.function_fields and not message.keys().isdisjoint(FUNCTION_FIELDS):
+            self._refuse_function_fields(index, message)
         content = message.get("content")
         if not isinstance(content, str) and not (calls is not None and content is None):
             raise self._fail(index, "content-not-string",
@@ -219,6 +225,14 @@ class ChatTemplate:
                 raise self._fail(index, "system-not-first",
                                  "a system message is only accepted as the first message "
                                  "(and only once)")
+
+    def _refuse_function_fields(self, index: int, message: Mapping[str, Any]) -> None:
+        """OLMo 3's function calling, on a family whose template would drop it in silence."""
+        name = next((k for k in FUNCTION_FIELDS if message.get(k) is not None), None)
+        if name is not None:
+            raise self._fail(index, "no-function-fields",
+                             f"this template cannot express OLMo's {name!r} field, so it would "
+                             "be dropped; remove it, or use the olmo-3 template")
 
     def _validate_tool_result(self, index: int, messages: Sequence[Any]) -> None:
         """A tool result answers a call: it follows the assistant message that made it (one
