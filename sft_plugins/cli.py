@@ -54,8 +54,11 @@ class _Group(click.Group):
 
 def _fail(message: str) -> typing.NoReturn:
     console = Console(stderr=True, soft_wrap=True)
+    # one line, also when the message quotes a dependency's own (transformers' hub errors
+    # hold a newline)
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
     # the message is text: "sft-plugins[qlora]" must not be read as a style tag
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    console.print(f"[bold red]error:[/] {escape(line)}", highlight=False)
     sys.exit(2)
 
 
@@ -105,19 +108,34 @@ def list_command(as_json: bool) -> None:
                       f"{escape(str(error['error']))}", highlight=False)
 
 
-class _WithoutKernelHubWarning(logging.Filter):
-    """Drops the warning bitsandbytes logs on import, on CPUs with AVX512-BF16, that it could
-    not fetch its optional 4-bit CPU kernel from the Hugging Face hub (``pip install kernels``):
-    it falls back to its own, and the line would stand above every command's output, one-line
-    errors included."""
+class _Dropped(logging.Filter):
+    """Drops a dependency's log records that hold one of ``fragments``: warnings that would
+    stand above a command's output, one-line errors included, and say nothing the user can act
+    on."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def _quiet_dependencies() -> None:
+    # bitsandbytes, on import on CPUs with AVX512-BF16 (the commands import peft, which imports
+    # it): it could not fetch its optional 4-bit CPU kernel from the hub, and uses its own
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _Dropped("Failed to load CPU gemm_4bit_forward"))
+    # huggingface_hub, while it retries a request it could not send (a hub name given offline,
+    # or a local path mistyped into one): five more attempts, two lines each, before the error
+    # that names what could not be loaded
+    logging.getLogger("huggingface_hub.utils._http").addFilter(
+        _Dropped("thrown while requesting", "Retrying in"))
 
 
 def _attach_subcommands() -> None:
-    # the commands import peft, which imports bitsandbytes
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_WithoutKernelHubWarning())
+    _quiet_dependencies()
     from sft_plugins.commands.chat import chat_command
     from sft_plugins.commands.check_data import check_data_command
     from sft_plugins.commands.demo import demo_command

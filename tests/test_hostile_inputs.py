@@ -342,3 +342,32 @@ def test_a_user_error_from_the_installed_command_is_its_only_line(tmp_path: Path
     assert result.stderr.splitlines() == [
         "error: --streaming needs --max_steps: a stream has no length, so the number of "
         "optimizer steps cannot follow from --num_train_epochs; give --max_steps N"]
+
+
+@pytest.mark.parametrize(("flag", "name", "expected"), [
+    ("--model_name_or_path", "some-org/no-such-model",
+     "error: cannot load a tokenizer from 'some-org/no-such-model': We couldn't connect to "),
+    ("--dataset", "some-org/no-such-data",
+     "error: some-org/no-such-data: not a local file, and datasets.load_dataset("),
+])
+def test_a_hub_name_that_cannot_be_reached_is_one_line(flag: str, name: str, expected: str,
+                                                       world: Path, tmp_path: Path) -> None:
+    """Offline (here: a hub address where nothing listens), huggingface_hub retries each
+    request five times and logs two lines a try, and transformers' error holds a newline: the
+    user still reads one line. (The retries' waits are skipped, not their attempts.)"""
+    import subprocess
+    import sys
+
+    argv = ["train", "--model_name_or_path", str(world / "model-ok"), "--template", "llama-3.1",
+            "--use_cpu", "true", "--dataset", str(world / "ok.jsonl"), "--output_dir",
+            str(tmp_path / "out")]
+    argv[argv.index(flag) + 1] = name
+    program = ("import sys, time; time.sleep = lambda seconds: None\n"
+               "from sft_plugins.cli import main\n"
+               f"sys.argv = ['sft-plugins', *{argv!r}]; main()")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            check=False, env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9",
+                                              "HF_HUB_OFFLINE": "0"})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
