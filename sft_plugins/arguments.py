@@ -6,8 +6,9 @@ them so that building the command line imports neither torch nor transformers' m
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,22 @@ def check_arguments(model_args: Any, data_args: Any, plugin_args: Any,
     """Refuse, before anything is loaded, values that transformers accepts and then trains
     wrongly with or crashes on (``--num_train_epochs 0`` saving an untrained model, a zero batch
     size dividing by zero at step 1, ...). Each error names the flag."""
+    _check_numbers(model_args, data_args, plugin_args, training_args)
     _check_training(training_args)
     _check_streaming(data_args, plugin_args, training_args)
     _check_plugin_flags(plugin_args)
     _check_output_dir(Path(training_args.output_dir))
+
+
+def _check_numbers(*groups: Any) -> None:
+    """``nan`` parses as a float, and every comparison with it is false, so no other check
+    would stop it: a ``nan`` learning rate or weight decay trains NaN weights without an
+    error."""
+    for group in groups:
+        for item in fields(group):
+            value = getattr(group, item.name)
+            if isinstance(value, float) and math.isnan(value):
+                raise ConfigError(f"--{item.name} {value}: not a number; give a number")
 
 
 def _check_streaming(data_args: Any, plugin_args: Any, training_args: Any) -> None:
@@ -148,6 +161,9 @@ def _check_training(args: Any) -> None:
     if args.learning_rate < 0:
         raise ConfigError(f"--learning_rate {args.learning_rate}: a negative learning rate "
                           "climbs the loss; give a positive one")
+    if math.isinf(args.learning_rate):
+        raise ConfigError(f"--learning_rate {args.learning_rate}: the first step would make "
+                          "every trained weight infinite; give a finite learning rate")
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size",
                  "gradient_accumulation_steps"):
         if getattr(args, flag) < 1:

@@ -221,6 +221,10 @@ def test_lora_adapter_is_saved_with_the_templates_stop_tokens(chat_model_dir, ch
     (["--learning_rat", "0.1"], "--learning_rat"),
     (["--max_steps", "four"], "--max_steps"),
     (["--bf16", "maybe"], "--bf16"),
+    (["--learning_rate", "nan"], "--learning_rate nan: not a number"),
+    (["--learning_rate", "inf"], "--learning_rate inf: the first step"),
+    (["--weight_decay", "nan"], "--weight_decay nan: not a number"),
+    (["--lora_dropout", "NaN"], "--lora_dropout nan: not a number"),
 ])
 def test_bad_training_flags_are_one_line_before_anything_loads(tmp_path, extra, flag):
     """The model directory does not exist: the flag is refused before it is looked for."""
@@ -240,6 +244,49 @@ def test_a_config_key_is_never_abbreviated(tmp_path):
     result = CliRunner().invoke(main, ["train", "--config", str(config), "--model_name_or_path",
                                        "m", "--dataset", "d.jsonl", "--output_dir", "o"])
     assert result.exit_code == 2 and "--learning_rat" in result.output
+
+
+@pytest.mark.parametrize(("name", "text", "extra", "expected"), [
+    ("run.yaml", "learning_rate: fast\n", [],
+     "error: {path}: argument --learning_rate/--learning-rate: invalid float value: 'fast'"),
+    ("run.yml", "learning-rat: 0.1\n", [], "error: {path}: unknown flag '--learning-rat'"),
+    ("run.json", '{"max_steps": -5}', [], "error: {path}: --max_steps -5: give a positive"),
+    ("run.yaml", "max_steps: -5\n", ["--max_steps", "-7"], "error: --max_steps -7: give a"),
+    ("run.yaml", "learning_rate: nan\n", [], "error: {path}: --learning_rate nan: not a number"),
+    ("run.yaml", b"\xff\xfemax_steps: 1\n", [],
+     "error: config file '{path}' is not UTF-8 text (invalid start byte at byte 0)"),
+    ("run.txt", "max_steps: 1\n", [], "error: unexpected argument '{path}': flags start with"),
+])
+def test_an_error_from_a_config_file_names_it(tmp_path, name, text, extra, expected):
+    """The flag at fault was set in the file (the first argument, as the Hugging Face example
+    scripts take it): the error says so; set on the command line too, the command line's value
+    is the one refused, and named as such."""
+    config = tmp_path / name
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["train", str(config), "--model_name_or_path",
+                                       str(tmp_path / "no-model"), "--dataset", "d.jsonl",
+                                       "--output_dir", str(out), *extra])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith(expected.format(path=config)), lines
+    assert not out.exists()
+
+
+def test_a_config_file_as_the_first_argument_is_read_like_config(tmp_path):
+    from sft_plugins.commands.train import parse
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": "m", "dataset": ["a.jsonl"],
+                                      "output_dir": str(tmp_path / "out"), "max_steps": 10,
+                                      "collator_prompt_loss_weight": 0.05}))
+    first = parse([str(config), "--max_steps", "2"])
+    flag = parse(["--max_steps", "2", "--config", str(config)])
+    for parsed in (first, flag):
+        model, data, _, training, options = parsed
+        assert (model.model_name_or_path, data.dataset, training.max_steps) == \
+            ("m", ["a.jsonl"], 2)
+        assert options["collator"] == {"prompt_loss_weight": "0.05"}
 
 
 # ------------------------------------------------------------------------- checkpoints -----

@@ -4,13 +4,14 @@ Flags are parsed by ``transformers.HfArgumentParser``, so they are spelled as in
 example scripts (``--model_name_or_path``, ``--output_dir``, ``--learning_rate``, ...). Plugin
 options follow their plugin's flag: ``--perturber neftune --perturber_alpha 5``,
 ``--collator prompt-weighted --collator_prompt_loss_weight 0.05``; their types come from the
-plugin's constructor. ``--config file.yaml`` (or ``.json``) supplies any of these; flags given on
-the command line win.
+plugin's constructor. A config file, ``run.yaml`` (or ``.yml``, ``.json``) as the first argument
+or ``--config run.yaml`` anywhere, supplies any of these; flags given on the command line win.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import typing
 from collections.abc import Mapping, Sequence
@@ -34,14 +35,22 @@ from sft_plugins.errors import ConfigError
 PLUGIN_KINDS = ("template", "collator", "perturber")
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+"""A first argument with one of these names is a config file, as in the Hugging Face example
+scripts (``sft-plugins train run.yaml``); ``--config FILE`` names one anywhere."""
+
+
 def config_to_argv(path: str) -> list[str]:
     """A YAML or JSON config file as command-line flags (which later flags override)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {path!r} does not exist")
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")
         values = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start}); save it as UTF-8") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"config file {path!r} is not valid {file.suffix[1:] or 'YAML'}: "
                           f"{exc}") from exc
@@ -63,18 +72,51 @@ def config_to_argv(path: str) -> list[str]:
     return argv
 
 
-def split_config(argv: Sequence[str]) -> list[str]:
-    """``argv`` with ``--config FILE`` replaced by the file's flags, placed first."""
+def split_config(argv: Sequence[str]) -> tuple[list[str], tuple[str, list[str]] | None]:
+    """``argv`` with its config file (a first argument named ``*.yaml``, ``*.yml`` or
+    ``*.json``, or ``--config FILE``) replaced by the file's flags, placed first; and the file
+    with its flags, or ``None``."""
     argv = list(argv)
-    for flag in ("--config", "-c"):
-        if flag in argv:
-            at = argv.index(flag)
-            if at + 1 >= len(argv):
-                raise ConfigError(f"{flag} needs a file name")
-            path = argv[at + 1]
-            del argv[at:at + 2]
-            return config_to_argv(path) + argv
-    return argv
+    if argv and not argv[0].startswith("-"):
+        if not argv[0].endswith(CONFIG_SUFFIXES):
+            raise ConfigError(f"unexpected argument {argv[0]!r}: flags start with --, and a "
+                              "config file (the first argument, or --config FILE) is named "
+                              f"{', '.join('*' + s for s in CONFIG_SUFFIXES)}")
+        path = argv.pop(0)
+    else:
+        flag = next((f for f in ("--config", "-c") if f in argv), None)
+        if flag is None:
+            return argv, None
+        at = argv.index(flag)
+        if at + 1 >= len(argv):
+            raise ConfigError(f"{flag} needs a file name")
+        path = argv[at + 1]
+        del argv[at:at + 2]
+    from_file = config_to_argv(path)
+    return from_file + argv, (path, from_file)
+
+
+def _in_config_file(error: ConfigError, config: tuple[str, list[str]] | None,
+                    argv: Sequence[str]) -> ConfigError:
+    """``error``, naming the config file when the flag it names was set there (and not on the
+    command line, which wins)."""
+    named = _FLAG.search(str(error))
+    if config is None or named is None:
+        return error
+    path, from_file = config
+    flag = _flag_key(named.group(0))
+    given = {_flag_key(a) for a in argv if a.startswith("--")}
+    if flag in given or flag not in {_flag_key(a) for a in from_file if a.startswith("--")}:
+        return error
+    return ConfigError(f"{path}: {error}")
+
+
+_FLAG = re.compile(r"--[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _flag_key(flag: str) -> str:
+    """``--learning-rate`` and ``--learning_rate`` are one flag."""
+    return flag[2:].replace("-", "_")
 
 
 def plugin_options(remaining: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -105,25 +147,32 @@ def _parser() -> Any:
             raise ConfigError(message)
 
     return Parser((ModelArguments, DataArguments, PluginArguments, TrainingArguments),
-                  prog="sft-plugins train", allow_abbrev=False)
+                  prog="sft-plugins train", allow_abbrev=False,
+                  description="A config file (run.yaml, .yml or .json) as the first argument, or "
+                              "--config FILE, supplies any of these flags as keys; flags on the "
+                              "command line win.")
 
 
 def parse(argv: Sequence[str]) -> tuple[Any, ...]:
     """(model, data, plugin, training arguments, plugin options by kind) from ``argv``."""
+    flags, config = split_config(argv)
     try:
-        model_args, data_args, plugin_args, training_args, remaining = \
-            _parser().parse_args_into_dataclasses(args=split_config(argv),
-                                                  return_remaining_strings=True)
-    except (ValueError, TypeError) as exc:  # TrainingArguments.__post_init__'s own checks
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"invalid training arguments: {exc}") from None
-    check_arguments(model_args, data_args, plugin_args, training_args)
+        try:
+            model_args, data_args, plugin_args, training_args, remaining = \
+                _parser().parse_args_into_dataclasses(args=flags, return_remaining_strings=True)
+        except (ValueError, TypeError) as exc:  # TrainingArguments.__post_init__'s own checks
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"invalid training arguments: {exc}") from None
+        check_arguments(model_args, data_args, plugin_args, training_args)
+        options = plugin_options(remaining)
+    except ConfigError as exc:
+        raise _in_config_file(exc, config, argv) from None
     # resolved here, before anything loads; the trainer is then given the directory itself
     training_args.resume_from_checkpoint = resolve_checkpoint(
         training_args.resume_from_checkpoint, training_args.output_dir,
         accept_incomplete=plugin_args.resume_incomplete)
-    return model_args, data_args, plugin_args, training_args, plugin_options(remaining)
+    return model_args, data_args, plugin_args, training_args, options
 
 
 def run(argv: Sequence[str]) -> Any:
