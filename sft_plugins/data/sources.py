@@ -299,7 +299,8 @@ def _wrapped(path: Path, kind: str, load: Any) -> Dataset:
         root: BaseException = exc
         while root.__cause__ is not None or root.__context__ is not None:
             root = root.__cause__ or root.__context__  # type: ignore[assignment]
-        raise DataError(f"{path}: cannot be read as {kind}: {root}. Check that the file is "
+        reason = str(root).strip().rstrip(".")  # pyarrow's messages end with their own stop
+        raise DataError(f"{path}: cannot be read as {kind}: {reason}. Check that the file is "
                         f"valid {kind}.") from exc
 
 
