@@ -83,13 +83,15 @@ def _convert(raw: str, annotation: Any, default: Any, where: str) -> Any:
         if target in (int, float):
             return target(raw)  # type: ignore[misc]
     except ValueError:
-        raise ConfigError(f"{where}: {raw!r} is not a {target.__name__}") from None
+        expected = {bool: "true or false", int: "an integer", float: "a number"}[target]
+        raise ConfigError(f"{where}: {raw!r} is not {expected}") from None
     return raw
 
 
-def typed_options(factory: Any, raw: Mapping[str, str], where: str) -> dict[str, Any]:
-    """Plugin options from text to the types ``factory``'s constructor declares; ``where`` (a
-    flag prefix such as ``--collator``) names the option in errors."""
+def typed_options(factory: Any, raw: Mapping[str, str], flag: str) -> dict[str, Any]:
+    """Plugin options from text to the types ``factory``'s constructor declares; ``flag`` names
+    an option in errors as the user wrote it (``--collator_{name}`` for ``sft-plugins train``,
+    ``-c {name}`` for the commands that take ``-c NAME=VALUE``)."""
     try:
         hints = typing.get_type_hints(getattr(factory, "__init__", factory))
     except Exception:  # unresolvable annotations: fall back to the defaults' types
@@ -99,7 +101,7 @@ def typed_options(factory: Any, raw: Mapping[str, str], where: str) -> dict[str,
     for name, value in raw.items():
         parameter = parameters.get(name)
         default = parameter.default if parameter is not None else None
-        typed[name] = _convert(value, hints.get(name), default, f"{where}_{name}")
+        typed[name] = _convert(value, hints.get(name), default, flag.format(name=name))
     return typed
 
 

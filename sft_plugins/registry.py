@@ -123,8 +123,9 @@ class Registry(Generic[T]):
     def create_from_text(self, name: str, text_options: Mapping[str, str], flag: str,
                          **defaults: Any) -> Any:
         """:meth:`create` with options given as text (``--collator_max_length 512``, ``-c
-        max_length=512``), converted to the types the constructor declares; ``flag`` names them
-        in errors. ``defaults`` apply where the text gives no value."""
+        max_length=512``), converted to the types the constructor declares; ``flag``
+        (``"--collator_{name}"``, ``"-c {name}"``) names one in errors. ``defaults`` apply where
+        the text gives no value."""
         typed = typed_options(self.get(name), text_options, flag)
         return self.create(name, **{**defaults, **typed})
 

@@ -73,7 +73,12 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments,
                   plugin_args: PluginArguments, training_args: Any,
                   options: dict[str, dict[str, str]], manager: PluginManager
                   ) -> tuple[SFTPluginTrainer, SFTData]:
-    """The trainer of a run, with its data loaded and prepared; nothing trained yet."""
+    """The trainer of a run, with its data loaded and prepared; nothing trained yet. Plugins
+    named on the command line are built first, so that a bad option value stops the run before
+    anything loads."""
+    perturber = _perturber(manager, plugin_args, options["perturber"])
+    collator = None if plugin_args.collator is None else \
+        _collator(manager, plugin_args.collator, plugin_args, data_args, options["collator"])
     tokenizer = load_tokenizer(model_args)
     template = manager.resolve_template(plugin_args.template, tokenizer,
                                         parse_variables(options["template"]))
@@ -90,8 +95,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments,
         source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
         raise TemplateError(f"the tokenizer of {source!r} has no chat template and --template "
                             f"was not given; name one ({', '.join(manager.templates.names())})")
-    collator = _collator(manager, plugin_args, data_args, options["collator"], data)
-    perturber = _perturber(manager, plugin_args, options["perturber"])
+    if collator is None:  # the data's kind picks it
+        collator = _collator(manager, default_collator_name(data.train), plugin_args, data_args,
+                             options["collator"])
     if training_args.gradient_checkpointing and not training_args.gradient_checkpointing_kwargs:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     model = load_model(model_args, bf16=training_args.bf16, fp16=training_args.fp16,
@@ -111,13 +117,12 @@ def _packing_buffer(plugin_args: PluginArguments) -> dict[str, int]:
     return {} if buffer is None else {"packing_buffer_size": buffer}
 
 
-def _collator(manager: PluginManager, plugin_args: PluginArguments, data_args: DataArguments,
-              raw: dict[str, str], data: SFTData) -> MaskingCollator:
-    name = plugin_args.collator or default_collator_name(data.train)
+def _collator(manager: PluginManager, name: str, plugin_args: PluginArguments,
+              data_args: DataArguments, raw: dict[str, str]) -> MaskingCollator:
     defaults: dict[str, Any] = {"on_bad_example": data_args.on_bad_example}
     if plugin_args.max_length is not None:
         defaults["max_length"] = plugin_args.max_length
-    return manager.collators.create_from_text(name, raw, "--collator", **defaults)
+    return manager.collators.create_from_text(name, raw, "--collator_{name}", **defaults)
 
 
 def _perturber(manager: PluginManager, plugin_args: PluginArguments,
@@ -126,7 +131,7 @@ def _perturber(manager: PluginManager, plugin_args: PluginArguments,
         if raw:
             raise ConfigError("perturber options were given without --perturber")
         return None
-    return manager.perturbers.create_from_text(plugin_args.perturber, raw, "--perturber")
+    return manager.perturbers.create_from_text(plugin_args.perturber, raw, "--perturber_{name}")
 
 
 def run(trainer: SFTPluginTrainer, data: SFTData) -> TrainingRun:

@@ -225,6 +225,12 @@ def test_lora_adapter_is_saved_with_the_templates_stop_tokens(chat_model_dir, ch
     (["--learning_rate", "inf"], "--learning_rate inf: the first step"),
     (["--weight_decay", "nan"], "--weight_decay nan: not a number"),
     (["--lora_dropout", "NaN"], "--lora_dropout nan: not a number"),
+    (["--collator", "completion-only", "--collator_max_length", "abc"],
+     "--collator_max_length: 'abc' is not an integer"),
+    (["--perturber", "neftune", "--perturber_alpha", "x"],
+     "--perturber_alpha: 'x' is not a number"),
+    (["--collator", "nope"], "unknown collator 'nope'"),
+    (["--perturber", "nope"], "unknown perturber 'nope'"),
 ])
 def test_bad_training_flags_are_one_line_before_anything_loads(tmp_path, extra, flag):
     """The model directory does not exist: the flag is refused before it is looked for."""

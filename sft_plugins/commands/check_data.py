@@ -108,7 +108,7 @@ def _show(data: SFTData, template: Any, as_json: bool) -> None:
 def _label(data: SFTData, manager: PluginManager, name: str, raw: dict[str, str],
            options: dict[str, Any], tokenizer: Any, template: Any, num_proc: int | None) -> None:
     """Prepare every split with the collator training would use; count what it skips."""
-    typed = typed_options(manager.collators.get(name), raw, "--collator")
+    typed = typed_options(manager.collators.get(name), raw, "-c {name}")
     collator = manager.collators.create(name, **{**typed, **options})  # the flags win over -c
     for split, rows in (("train", data.train), ("eval", data.eval)):
         if rows is not None:

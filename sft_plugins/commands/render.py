@@ -211,7 +211,7 @@ def render_command(path: Path, template_name: str | None, tokenizer_dir: Path | 
                                 parse_variables(option_pairs))
     collator = None if tokenizer is None else manager.collators.create_from_text(
         collator_name or DEFAULT_COLLATOR, split_pairs(collator_pairs, "collator option"),
-        "--collator")
+        "-c {name}")
     examples = render_file(path, template, add_generation_prompt=add_generation_prompt,
                            tokenizer=tokenizer, collator=collator)
     if html_path is not None:
