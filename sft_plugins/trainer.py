@@ -355,9 +355,11 @@ class SFTPluginTrainer(Trainer):
 
         A ``datasets.IterableDataset`` (already this rank's part, for training) is prepared the
         same way into a stream labelled as it is read; its report fills as training reads it.
-        Any other object (a torch ``Dataset``) is taken as prepared rows, as it is.
+        Any other object (a torch ``Dataset``, a list) is taken as prepared rows, as it is; one
+        whose first row is a mapping without ``input_ids`` is refused.
         """
         if not isinstance(dataset, (Dataset, IterableDataset)):
+            _check_taken_as_prepared(dataset, split)
             return dataset
         if "input_ids" in column_names(dataset):
             return labels_from_token_masks(dataset, split)
@@ -810,6 +812,23 @@ class SFTPluginTrainer(Trainer):
         loss = token_loss.weighted_sum / denominator.clamp_min(torch.finfo(torch.float32).tiny)
         loss = loss * scale
         return (loss, outputs) if return_outputs else loss
+
+
+def _check_taken_as_prepared(dataset: Any, split: str) -> None:
+    """Rows the trainer will not prepare (not a ``datasets`` data set) must already be
+    tokenized: conversations would otherwise reach the collator and fail there, at step 1,
+    with a bare ``KeyError``."""
+    try:
+        first = dataset[0] if len(dataset) else None
+    except (TypeError, KeyError, IndexError, NotImplementedError):  # not indexable: unchecked
+        return
+    if isinstance(first, Mapping) and "input_ids" not in first:
+        keys = ", ".join(map(str, first)) or "none"
+        raise DataError(
+            f"{split}: a {type(dataset).__name__} is used as it is, as tokenized rows (only a "
+            f"datasets.Dataset or IterableDataset is tokenized and masked), but its first row "
+            f"has no 'input_ids' (its keys: {keys}); pass datasets.Dataset.from_list(rows), or "
+            "load_sft_dataset(...).train")
 
 
 DEFAULT_COLLATOR_SAMPLE = 100

@@ -14,6 +14,7 @@ from test_integration import tiny_model_and_tokenizer
 from transformers import TrainingArguments
 
 import sft_plugins.trainer as trainer_module
+from sft_plugins.errors import DataError
 from sft_plugins.trainer import SFTPluginTrainer
 
 PROMPT_COMPLETION = [
@@ -203,3 +204,32 @@ def test_default_collator_name_reads_set_indices_and_offsets():
                                  {"text": "Q: 2+2= 4", "completion_offset": 7}])
     assert default_collator_name(offsets) == "completion-only"
     assert default_collator_name(offsets.select([0])) == "all-tokens"
+
+
+class Rows:
+    """A torch-style data set: a length and rows by index, nothing of ``datasets``."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.rows[index]
+
+
+@pytest.mark.parametrize("wrap", [list, Rows])
+def test_rows_the_trainer_does_not_prepare_must_be_tokenized(tmp_path, wrap):
+    """A list or a torch-style data set is used as it is: conversations in one are refused at
+    construction (they used to reach the collator and fail at step 1 with KeyError
+    'input_ids'), tokenized rows train."""
+    tokenizer, model = tiny_model_and_tokenizer()
+    build = lambda rows: SFTPluginTrainer(  # noqa: E731
+        model=model, args=arguments(tmp_path), processing_class=tokenizer,
+        template="llama-3.1", train_dataset=rows)
+    with pytest.raises(DataError, match=rf"^train: a {wrap.__name__} is used as it is, .* no "
+                                        r"'input_ids' \(its keys: messages\); pass datasets"):
+        build(wrap(MESSAGES))
+    tokenized = build(Dataset.from_list(MESSAGES)).train_dataset.to_list()
+    assert build(wrap(tokenized)).train().global_step == 1
