@@ -169,7 +169,7 @@ def test_packing_after_a_skipped_example_trains_only_the_kept_ones(tmp_path):
     trainer.train()
 
 
-def test_the_embedding_check_and_summary_read_only_the_rows_of_a_view():
+def test_the_embedding_check_and_summary_read_only_the_rows_of_a_view(tmp_path):
     from sft_plugins.trainer import trained_token_summary
 
     rows = Dataset.from_dict({"input_ids": [[1, 2], [10**6, 7], [3]],
@@ -177,7 +177,7 @@ def test_the_embedding_check_and_summary_read_only_the_rows_of_a_view():
     view = rows.select([0, 2])
     assert trained_token_summary(view) == "3 tokens, 2 trained (66.7%)"
     tokenizer, model = tiny_model_and_tokenizer()
-    trainer = SFTPluginTrainer(model=model, args=TrainingArguments("unused", report_to=[],
+    trainer = SFTPluginTrainer(model=model, args=TrainingArguments(str(tmp_path), report_to=[],
                                                                    use_cpu=True),
                                train_dataset=view, processing_class=tokenizer,
                                template="llama-3.1")
