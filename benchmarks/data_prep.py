@@ -1,7 +1,7 @@
 """Data preparation (render, tokenize, mask, Arrow) against TRL's and against the floor.
 
     python -m benchmarks.data_prep [--tokenizer llama3.1|shipped|both] [--examples 20000]
-                                   [--rounds 3] [--seed 0] [--no-trl]
+                                   [--rounds 3] [--seed 0] [--length 1] [--no-trl]
 
 Builds conversational prompt/completion examples (optional system message, one to three user
 turns, the last assistant answer as the completion), installs the ``llama-3.1`` template on the
@@ -67,12 +67,14 @@ BATCH = 1000
 """Rows per ``datasets.map`` batch in our preparation (its default), texts per floor call."""
 
 
-def make_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    """``n`` conversational prompt/completion examples, deterministic for a seed."""
+def make_rows(n: int, seed: int, length: int = 1) -> list[dict[str, Any]]:
+    """``n`` conversational prompt/completion examples, deterministic for a seed; ``length``
+    multiplies the number of words of every message (1: about 175 Llama 3.1 tokens an
+    example)."""
     rng = random.Random(seed)
 
     def sentence(low: int, high: int) -> str:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high) * length))
 
     rows = []
     for _ in range(n):
@@ -183,15 +185,15 @@ def timed(prepare: Callable[..., Any], *args: Any) -> tuple[float, float, Any]:
 
 
 def compare(which: str, examples: int, seed: int, rounds: int, *, trl: bool = True,
-            log: Callable[[str], None] = print) -> dict[str, Any]:
+            length: int = 1, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Floor, ours and TRL on ``examples`` rows with tokenizer ``which``, ``rounds``
     alternating rounds after a warm-up; medians, per-round ratios, and whether ours and TRL's
     ``input_ids`` and ``labels`` are identical."""
     datasets.disable_caching()
     datasets.disable_progress_bars()
     tokenizer, template = tokenizer_and_template(which)
-    data = Dataset.from_list(make_rows(examples, seed))
-    warm = Dataset.from_list(make_rows(200, seed + 1))
+    data = Dataset.from_list(make_rows(examples, seed, length))
+    warm = Dataset.from_list(make_rows(200, seed + 1, length))
     sides: dict[str, Callable[[], Any]] = {
         "floor": floor_tokenization(tokenizer, template, data),
         "floor_fast": floor_tokenization(tokenizer, template, data, offsets=False)}
@@ -221,7 +223,7 @@ def compare(which: str, examples: int, seed: int, rounds: int, *, trl: bool = Tr
                                                              strict=True))
 
     result: dict[str, Any] = {
-        "tokenizer": which, "vocabulary": len(tokenizer), "examples": examples,
+        "tokenizer": which, "vocabulary": len(tokenizer), "examples": examples, "length": length,
         "tokens": tokens, "rounds": rounds,
         "seconds": {name: statistics.median(s for s, _ in runs) for name, runs in times.items()},
         "cpu_seconds": {name: statistics.median(c for _, c in runs)
@@ -254,7 +256,8 @@ def table(result: dict[str, Any]) -> str:
 
 
 def summary(result: dict[str, Any]) -> str:
-    line = (f"{result['examples']:,} examples, {result['tokens']:,} tokens, tokenizer "
+    line = (f"{result['examples']:,} examples, {result['tokens']:,} tokens "
+            f"({result['tokens'] / result['examples']:,.0f} an example), tokenizer "
             f"{result['tokenizer']} ({result['vocabulary']:,} entries), median of "
             f"{result['rounds']} alternating rounds: ours = {result['ours_over_floor']:.2f}x the "
             f"floor's time ({result['ours_over_floor_fast']:.2f}x without offsets)")
@@ -272,6 +275,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3,
                         help="time every side several times, alternating (the machine may be "
                              "shared)")
+    parser.add_argument("--length", type=int, default=1,
+                        help="multiply every message's number of words (1: about 175 tokens "
+                             "an example with the real vocabulary)")
     parser.add_argument("--no-trl", dest="trl", action="store_false",
                         help="leave TRL out (ours against the floor only)")
     options = parser.parse_args()
@@ -281,7 +287,8 @@ def main() -> None:
         print(f"{options.examples} conversational prompt/completion examples, llama-3.1 "
               f"template, tokenizer {which}, TOKENIZERS_PARALLELISM={parallel}", flush=True)
         result = compare(which, options.examples, options.seed, options.rounds,
-                         trl=options.trl, log=lambda line: print(line, flush=True))
+                         trl=options.trl, length=options.length,
+                         log=lambda line: print(line, flush=True))
         print(table(result), summary(result), "", sep="\n\n", flush=True)
         failed |= result.get("identical_labels") is False
     if failed:
