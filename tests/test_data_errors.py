@@ -147,8 +147,16 @@ def test_unusable_sources(tmp_path: Path, cache: str) -> None:
         load_sft_dataset(str(tmp_path / "*.jsonl"), cache_dir=cache)
     with pytest.raises(DataError, match="unknown data set format 'yaml'"):
         load_sft_dataset(tmp_path / "notes.txt", format="yaml", cache_dir=cache)
-    with pytest.raises(DataError, match="none of the first examples is a JSON object"):
+    with pytest.raises(DataError, match=r"none of the first examples is a JSON object \(the "
+                                        r"first, line 1: a JSON number\)"):
         load_sft_dataset(write_lines(tmp_path / "nums.jsonl", ["1", "2"]), cache_dir=cache)
+    deep = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    for streaming in (False, True):
+        with pytest.raises(DataError, match=r"nums\.jsonl: none of the first examples is a JSON "
+                                            r"object \(the first, line 2: not valid JSON \(nested "
+                                            "too deeply"):
+            load_sft_dataset(write_lines(tmp_path / "nums.jsonl", ["", deep, "[1]"]),
+                             cache_dir=cache, streaming=streaming)
     with pytest.raises(DataError, match="has no rows"):
         load_sft_dataset(Dataset.from_list([]))
     with pytest.raises(DataError, match="no data source given"):

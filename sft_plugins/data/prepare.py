@@ -306,8 +306,9 @@ def _plan(piece: Piece, options: _Options) -> tuple[str, Kind]:
                             "(--column_map) or choose another format.")
         return options.format, kind_of(options.format, first)
     if piece.raw and first is None:
-        raise DataError(f"{piece.name}: none of the first examples is a JSON object; expected "
-                        "one JSON object per example")
+        why = f" (the first, {piece.first_problem})" if piece.first_problem else ""
+        raise DataError(f"{piece.name}: none of the first examples is a JSON object{why}; "
+                        "expected one JSON object per example")
     detected = detect_format(columns)
     if detected is None:
         needs = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in FORMAT_COLUMNS.items())

@@ -81,6 +81,9 @@ class Piece:
     columns: tuple[str, ...]
     first_example: dict[str, Any] | None
     raw: bool
+    first_problem: str | None = None
+    """Why the first line of a raw JSON Lines file is not an example, when none of the first
+    lines is one (``line 1: not valid JSON (...)``)."""
 
 
 def load_pieces(source: Source | Sequence[str | os.PathLike[str]], *, split: str = "train",
@@ -406,28 +409,38 @@ def _raw_dataset(path: Path, chunks: Iterator[tuple[list[bytes], list[int | None
 
 
 def _json_lines(path: Path, cache_dir: str | None) -> Piece:
-    first = _first_object(path)
+    first, problem = _first_object(path)
     dataset = _raw_dataset(path, _line_chunks(path), cache_dir)
-    return Piece(dataset, str(path), tuple(first or ()), first, raw=True)
+    return Piece(dataset, str(path), tuple(first or ()), first, raw=True, first_problem=problem)
 
 
-def _first_object(path: Path) -> dict[str, Any] | None:
-    """The first line that is a JSON object, among the first :data:`PEEK_LINES` non-blank ones."""
+def _first_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The first line that is a JSON object, among the first :data:`PEEK_LINES` non-blank ones;
+    without one, what was wrong with the first of them."""
+    problem = None
     with open_data_file(path) as handle:
         seen = 0
-        for line in handle:
+        for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
                 value = loads_strict(line)
-            except ValueError:
-                value = None
+            except ValueError as exc:
+                value, wrong = None, f"not valid JSON ({exc})"
+            else:
+                wrong = f"a JSON {_json_kind(value)}"
             if isinstance(value, dict):
-                return value
+                return value, None
+            problem = problem or f"line {number}: {wrong}"
             seen += 1
             if seen >= PEEK_LINES:
                 break
-    return None
+    return None, problem
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
 
 def _json_array(path: Path, cache_dir: str | None) -> Piece:
@@ -501,10 +514,11 @@ def _stream_file(path: Path, cache_dir: str | None) -> Piece:
             if path.stat().st_size == 0 or not _has_content(path):
                 raise DataError(f"{path}: the file is empty; expected at least one example")
             check_text_encoding(path)
-            first = _first_object(path)
+            first, problem = _first_object(path)
             dataset = IterableDataset.from_generator(
                 _raw_line_rows, features=RAW_FEATURES, gen_kwargs={"path": str(path)})
-            return Piece(dataset, str(path), tuple(first or ()), first, raw=True)
+            return Piece(dataset, str(path), tuple(first or ()), first, raw=True,
+                         first_problem=problem)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot be read ({exc}); check the file's permissions and, "
                         "for .gz files, that it is complete gzip data") from None
