@@ -2,15 +2,19 @@
 
 Schedulers ask a job to stop with SIGTERM before they kill it (SLURM preemption and time limits,
 Kubernetes eviction, spot instances reclaimed), then wait a grace period. Python's default
-SIGTERM ends the process at once, losing everything since the last checkpoint. Here SIGTERM
-only raises a flag; at the end of the current optimizer step every rank learns whether any rank
-got it (one all-reduce), and if one did they all save a checkpoint together and stop. The grace
-period must cover one step and one save.
+SIGTERM ends the process at once, losing everything since the last checkpoint; its default
+SIGINT (Ctrl-C) raises ``KeyboardInterrupt`` wherever the process is, in the middle of a save
+too. Here either signal only raises a flag; at the end of the current optimizer step every rank
+learns whether any rank got one (one all-reduce), and if one did they all save a checkpoint
+together and stop. The grace period must cover one step and one save. Whoever presses Ctrl-C
+and cannot wait for that presses it again: the second one interrupts at once, as usual.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -18,46 +22,79 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-EXIT_STATUS = 128 + signal.SIGTERM
-"""What the command exits with after saving: the conventional status of a SIGTERM, so that a
-scheduler (or a Kubernetes Job) sees an interrupted run, not a finished one."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class SaveOnSigterm(TrainerCallback):
-    """Turns SIGTERM into "save a checkpoint after this step, then stop training".
+def exit_status(stopped_by: signal.Signals) -> int:
+    """What the command exits with after saving: the conventional status of the signal (143
+    for SIGTERM, 130 for SIGINT), so that a scheduler (or a Kubernetes Job) sees an
+    interrupted run, not a finished one."""
+    return 128 + stopped_by
 
-    ``any_rank(flag)`` says whether ``flag`` is true on any data-parallel rank (the trainer
-    passes an all-reduce; one process needs none). The handler is installed by
+
+class SaveOnStopSignal(TrainerCallback):
+    """Turns SIGTERM and a first SIGINT into "save a checkpoint after this step, then stop
+    training".
+
+    ``most_on_any_rank(n)`` is the largest ``n`` over the data-parallel ranks (the trainer
+    passes a gather; one process needs none): every rank learns the signal, SIGTERM's number
+    where ranks got different ones. The handlers are installed by
     :meth:`install` (only the main thread may install one) and removed by :meth:`remove`,
-    which puts the previous handler back.
+    which puts the previous handlers back. A first SIGINT puts the previous SIGINT handler back
+    at once, so that a second one interrupts as it would have without this callback.
     """
 
-    def __init__(self, any_rank: Callable[[bool], bool]) -> None:
-        self.any_rank = any_rank
-        self.received = False
+    def __init__(self, most_on_any_rank: Callable[[int], int]) -> None:
+        self.most_on_any_rank = most_on_any_rank
+        self.received: signal.Signals | None = None
+        """The first stop signal this process got during training."""
         self.stopped_at: int | None = None
-        self._previous: Any = None
-        self._installed = False
+        """The step after which the run saved and stopped (on a signal to any rank)."""
+        self.stopped_by: signal.Signals | None = None
+        """The signal that stopped the run, whichever rank got it."""
+        self._previous: dict[signal.Signals, Any] = {}
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._note)
-            self._installed = True
+            self._previous = {signum: signal.signal(signum, self._note)
+                              for signum in STOP_SIGNALS}
 
     def remove(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
+        for signum, previous in self._previous.items():
+            _restore(signum, previous)
+        self._previous = {}
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
-        self.received = True
+        received = signal.Signals(signum)
+        self.received = self.received or received
+        if received is signal.SIGINT:
+            _restore(signal.SIGINT, self._previous.pop(signal.SIGINT))
+            if os.environ.get("RANK", "0") == "0":  # every rank of a terminal's job gets it
+                _say("interrupted: saving a checkpoint at the end of this step, then stopping; "
+                     "press Ctrl-C again to stop at once without saving")
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState,
                     control: TrainerControl, **kwargs: Any) -> None:
-        if self.any_rank(self.received):
+        signum = self.most_on_any_rank(self.received or 0)
+        if signum:
             control.should_save = True
             control.should_training_stop = True
-            self.stopped_at = state.global_step
+            self.stopped_at, self.stopped_by = state.global_step, signal.Signals(signum)
 
 
-__all__ = ["EXIT_STATUS", "SaveOnSigterm"]
+def _say(message: str) -> None:
+    """Print from a signal handler: to ``sys.stderr`` (a notebook shows it), or straight to
+    file descriptor 2 when the handler interrupted a write to that stream."""
+    try:
+        print(f"\n{message}", file=sys.stderr, flush=True)
+    except RuntimeError:  # "reentrant call": the stream was in the middle of a write
+        os.write(2, f"\n{message}\n".encode())
+
+
+def _restore(signum: signal.Signals, previous: Any) -> None:
+    """Put a handler back (``None``: one set outside Python, which cannot be put back; the
+    default is the closest)."""
+    signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+
+
+__all__ = ["STOP_SIGNALS", "SaveOnStopSignal", "exit_status"]

@@ -100,7 +100,7 @@ from sft_plugins.loss import (
 from sft_plugins.manager import PluginManager, get_plugin_manager
 from sft_plugins.masking import MaskingCollator, PreparationReport
 from sft_plugins.perturb import Perturber
-from sft_plugins.preemption import SaveOnSigterm
+from sft_plugins.preemption import SaveOnStopSignal
 from sft_plugins.templates import ChatTemplate
 
 logger = logging.getLogger(__name__)
@@ -230,9 +230,10 @@ class SFTPluginTrainer(Trainer):
         if self.perturber is not None:
             self._perturber_callback = PerturberCallback(self.perturber)
             self.add_callback(self._perturber_callback)
-        self.sigterm = SaveOnSigterm(self._on_any_rank)
-        """SIGTERM during :meth:`train` saves a checkpoint and stops (``sigterm.stopped_at``)."""
-        self.add_callback(self.sigterm)
+        self.stop_signals = SaveOnStopSignal(self._most_on_any_rank)
+        """SIGTERM or a first Ctrl-C during :meth:`train` saves a checkpoint and stops
+        (``stop_signals.stopped_at``)."""
+        self.add_callback(self.stop_signals)
 
     @staticmethod
     def _check_launch(args: Any) -> None:
@@ -500,7 +501,7 @@ class SFTPluginTrainer(Trainer):
                 record.restart_counts()
         if (self.preparation or self.data_summary) and self.args.should_save:
             self._write_data_summary()
-        self.sigterm.install()
+        self.stop_signals.install()
         try:
             result = super().train(checkpoint, *args, **kwargs)
         except BaseException:
@@ -508,7 +509,7 @@ class SFTPluginTrainer(Trainer):
                 self._write_data_summary()
             raise
         finally:
-            self.sigterm.remove()
+            self.stop_signals.remove()
             if self._perturber_callback is not None:
                 self._perturber_callback.remove()
         if self.stream_sharing:  # streams are counted while training reads them
@@ -542,13 +543,12 @@ class SFTPluginTrainer(Trainer):
         if self.args.should_save:
             summary.write_json(self.args.output_dir)
 
-    def _on_any_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any process of the run."""
+    def _most_on_any_rank(self, value: int) -> int:
+        """The largest of ``value`` over the processes of the run."""
         if self.args.world_size <= 1:
-            return flag
-        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.args.device),
-                                        reduction="sum")
-        return bool(total.item() > 0)
+            return value
+        gathered = self.accelerator.gather(torch.tensor([value], device=self.args.device))
+        return int(gathered.max().item())
 
     def _finished_at(self, checkpoint: str) -> TrainOutput | None:
         """A TrainOutput for a checkpoint that already reached the run's end, else ``None``."""

@@ -8,6 +8,7 @@ caller reports it (the command line prints it).
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ from sft_plugins.options import parse_variables
 from sft_plugins.perturb import Perturber
 from sft_plugins.trainer import SFTPluginTrainer, default_collator_name
 
-Outcome = Literal["trained", "already_finished", "stopped_by_sigterm"]
+Outcome = Literal["trained", "already_finished", "stopped_by_signal"]
 
 
 @dataclass
@@ -36,8 +37,9 @@ class TrainingRun:
     trainer: SFTPluginTrainer
     outcome: Outcome
     """``trained``: to the end, model saved; ``already_finished``: the checkpoint resumed from
-    was at the last step, nothing was trained or written; ``stopped_by_sigterm``: a checkpoint
-    was saved at :attr:`stopped_at` and the run can be resumed."""
+    was at the last step, nothing was trained or written; ``stopped_by_signal``: SIGTERM or
+    Ctrl-C (:attr:`stopped_by`) stopped it, a checkpoint was saved at
+    :attr:`stopped_at` and the run can be resumed."""
     training_loss: float
     data: SFTData
 
@@ -47,7 +49,12 @@ class TrainingRun:
 
     @property
     def stopped_at(self) -> int | None:
-        return self.trainer.sigterm.stopped_at
+        return self.trainer.stop_signals.stopped_at
+
+    @property
+    def stopped_by(self) -> signal.Signals | None:
+        """SIGTERM or SIGINT, whichever rank got it."""
+        return self.trainer.stop_signals.stopped_by
 
     @property
     def examples(self) -> int:
@@ -140,8 +147,8 @@ def run(trainer: SFTPluginTrainer, data: SFTData) -> TrainingRun:
     result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if trainer.finished_before_start:
         return TrainingRun(trainer, "already_finished", result.training_loss, data)
-    if trainer.sigterm.stopped_at is not None:
-        return TrainingRun(trainer, "stopped_by_sigterm", result.training_loss, data)
+    if trainer.stop_signals.stopped_at is not None:
+        return TrainingRun(trainer, "stopped_by_signal", result.training_loss, data)
     trainer.save_model()
     if args.should_save:
         trainer.save_state()

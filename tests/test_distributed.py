@@ -189,6 +189,35 @@ def test_sigterm_to_one_rank_saves_on_both_and_the_run_resumes(chat_model_dir, c
     assert logged_losses(part) == pytest.approx(logged_losses(whole), rel=1e-4)
 
 
+@pytest.mark.slow
+def test_ctrl_c_to_torchrun_saves_on_both_ranks(chat_model_dir, chat_data_file, tmp_path):
+    """Ctrl-C reaches torchrun alone (its workers run in sessions of their own); it passes
+    SIGINT on to every worker and waits --shutdown_timeout seconds: enough for the ranks to
+    finish the step and save one checkpoint together."""
+    import signal
+    import time
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    process = subprocess.Popen(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29544",
+         *train_args(chat_model_dir, chat_data_file, out, "--max_steps", "100000",
+                     "--save_strategy", "no", "--per_device_train_batch_size", "2")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "data_summary.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    stopped = re.findall(r"stopped by Ctrl-C \(SIGINT\) after step (\d+)", output)
+    assert len(stopped) == 1, output[-3000:]
+    assert (out / f"checkpoint-{stopped[0]}" / "sft_plugins_complete.json").is_file()
+    assert "press Ctrl-C again" in output and not (out / "model.safetensors").exists()
+
+
 def item_file(path: Path, items: range, bad_after: int) -> Path:
     """Conversations naming their item (``item N``), one malformed line after ``bad_after``."""
     lines = []

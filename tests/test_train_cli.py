@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -364,36 +366,45 @@ def test_nothing_to_resume_from_is_one_line(chat_model_dir, chat_data_file, tmp_
     assert len(lines) == 1 and lines[0].startswith("error: --resume_from_checkpoint"), lines
 
 
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(
-        chat_model_dir, chat_data_file, tmp_path):
-    """What a scheduler's preemption does: SIGTERM mid-training. The run saves a checkpoint at
-    the end of the step (though --save_strategy is no), says so, exits 143 without writing a
-    final model, and resuming gives the uninterrupted run's losses."""
+def start_training(args):
+    """``sft-plugins <args>`` in a process of its own, once it has started training (its data
+    summary is written just before the first step)."""
     import os
-    import signal
     import subprocess
     import time
 
+    process = subprocess.Popen([sys.executable, "-m", "sft_plugins", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out = Path(args[args.index("--output_dir") + 1])
+    deadline = time.monotonic() + 120
+    while not (out / "data_summary.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)
+    return process
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "status", "named"), [
+    (signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, r"Ctrl-C \(SIGINT\)")])
+def test_a_stop_signal_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(
+        chat_model_dir, chat_data_file, tmp_path, signum, status, named):
+    """What a scheduler's preemption (SIGTERM) or a first Ctrl-C does mid-training. The run
+    saves a checkpoint at the end of the step (though --save_strategy is no), says so, exits
+    143 or 130 without writing a final model, and resuming gives the uninterrupted run's
+    losses."""
     steps = ("--max_steps", "300", "--per_device_train_batch_size", "2", "--save_strategy",
              "no", "--lr_scheduler_type", "constant", "--perturber", "neftune")
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert invoke(base_args(chat_model_dir, chat_data_file, whole, *steps)).exit_code == 0
-    process = subprocess.Popen(
-        [sys.executable, "-m", "sft_plugins", *base_args(chat_model_dir, chat_data_file, part,
-                                                         *steps)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    while not (part / "data_summary.json").exists():
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGTERM)
+    process = start_training(base_args(chat_model_dir, chat_data_file, part, *steps))
+    process.send_signal(signum)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 143, output[-2000:]
-    stopped = re.search(r"stopped by SIGTERM after step (\d+): checkpoint-\1 is saved", output)
+    assert process.returncode == status, output[-2000:]
+    stopped = re.search(rf"stopped by {named} after step (\d+): checkpoint-\1 is saved", output)
     assert stopped, output[-2000:]
+    assert ("press Ctrl-C again to stop at once" in output) == (signum == signal.SIGINT)
     step = int(stopped.group(1))
     assert 0 < step < 300
     assert (part / f"checkpoint-{step}" / "sft_plugins_complete.json").is_file()
@@ -402,6 +413,26 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_where_it_stopped(
                                "--resume_from_checkpoint", "true"))
     assert resumed.exit_code == 0, resumed.output
     assert losses(part) == pytest.approx(losses(whole), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_without_saving(chat_model_dir, chat_data_file, tmp_path):
+    """Whoever cannot wait for the step and the save presses Ctrl-C again: the run stops
+    there, as Ctrl-C always did, and saves nothing."""
+    out = tmp_path / "run"
+    process = start_training(base_args(chat_model_dir, chat_data_file, out, "--max_steps",
+                                       "100000", "--save_strategy", "no"))
+    process.send_signal(signal.SIGINT)
+    said = ""
+    while "press Ctrl-C again" not in said:
+        line = process.stdout.readline()
+        assert line, said[-2000:]
+        said += line
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode not in (0, 130), said + output
+    assert "Aborted!" in output and "stopped by" not in output
+    assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
 
 
 INSPECT = """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 import typing
 from collections.abc import Mapping, Sequence
@@ -177,15 +178,16 @@ def parse(argv: Sequence[str]) -> tuple[Any, ...]:
 
 def run(argv: Sequence[str]) -> Any:
     """Parse ``argv``, load everything (failing before any training), train, save, and print
-    what happened. A run stopped by SIGTERM (after saving its checkpoint) exits with 143."""
-    from sft_plugins.preemption import EXIT_STATUS
+    what happened. A run stopped by SIGTERM or Ctrl-C (after saving its checkpoint) exits
+    with 143 or 130."""
+    from sft_plugins.preemption import exit_status
     from sft_plugins.training import train_from_arguments
 
     outcome = train_from_arguments(*parse(argv))
     if outcome.trainer.is_world_process_zero():
         report(outcome)
-    if outcome.outcome == "stopped_by_sigterm":
-        sys.exit(EXIT_STATUS)
+    if outcome.outcome == "stopped_by_signal":
+        sys.exit(exit_status(outcome.stopped_by))
     return outcome
 
 
@@ -198,8 +200,9 @@ def report(outcome: Any) -> None:
                       f"{outcome.steps}, where this run ends; {output_dir} is left as it was",
                       highlight=False)
         return
-    if outcome.outcome == "stopped_by_sigterm":
-        console.print(f"stopped by SIGTERM after step {outcome.stopped_at}: "
+    if outcome.outcome == "stopped_by_signal":
+        by = "Ctrl-C (SIGINT)" if outcome.stopped_by == signal.SIGINT else "SIGTERM"
+        console.print(f"stopped by {by} after step {outcome.stopped_at}: "
                       f"checkpoint-{outcome.stopped_at} is saved in {output_dir}; run the same "
                       "command with --resume_from_checkpoint true to continue", highlight=False)
         return
