@@ -109,6 +109,7 @@ def check_arguments(model_args: Any, data_args: Any, plugin_args: Any,
     size dividing by zero at step 1, ...). Each error names the flag."""
     _check_numbers(model_args, data_args, plugin_args, training_args)
     _check_training(training_args)
+    _check_evaluation(data_args, training_args)
     _check_streaming(data_args, plugin_args, training_args)
     _check_plugin_flags(plugin_args)
     _check_output_dir(Path(training_args.output_dir))
@@ -180,6 +181,16 @@ def _check_training(args: Any) -> None:
     if unknown:
         raise ConfigError(f"--report_to {' '.join(unknown)}: unknown; use none, all or some of "
                           f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+
+
+def _check_evaluation(data_args: Any, training_args: Any) -> None:
+    """An evaluation strategy without evaluation data fails inside the Trainer, after the model
+    has loaded, with a message about its own arguments."""
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    if strategy != "no" and not data_args.eval_dataset and data_args.eval_split_ratio is None:
+        raise ConfigError(f"--eval_strategy {strategy} needs evaluation data: give "
+                          "--eval_dataset FILE or --eval_split_ratio 0.05 (or --eval_strategy "
+                          "no)")
 
 
 def _check_plugin_flags(plugin_args: Any) -> None:

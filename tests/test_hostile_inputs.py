@@ -175,6 +175,7 @@ BAD_FLAGS = [
     (("--report_to", "nosuchtool"), "--report_to"), (("--warmup_steps", "-1"), "warmup_steps"),
     (("--learning_rat", "0.1"), "--learning_rat"), (("--bf16", "maybe"), "--bf16"),
     (("--save_strategy", "sometimes"), "--save_strategy"),
+    (("--eval_strategy", "steps", "--eval_steps", "1"), "--eval_dataset"),
     (("--lr_scheduler_type", "wobbly"), "--lr_scheduler_type"),
     (("--no_such_flag", "1"), "--no_such_flag"), (("--seed",), "--seed"),
     (("--resume_from_checkpoint", "no-such-checkpoint"), "--resume_from_checkpoint"),
