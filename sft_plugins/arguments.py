@@ -184,13 +184,19 @@ def _check_training(args: Any) -> None:
 
 
 def _check_evaluation(data_args: Any, training_args: Any) -> None:
-    """An evaluation strategy without evaluation data fails inside the Trainer, after the model
-    has loaded, with a message about its own arguments."""
+    """An evaluation strategy without evaluation data, or a best-model metric that evaluation
+    does not compute, fails inside the Trainer (after the model has loaded, or at the first
+    evaluation) with a traceback."""
     strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
     if strategy != "no" and not data_args.eval_dataset and data_args.eval_split_ratio is None:
         raise ConfigError(f"--eval_strategy {strategy} needs evaluation data: give "
                           "--eval_dataset FILE or --eval_split_ratio 0.05 (or --eval_strategy "
                           "no)")
+    metric = training_args.metric_for_best_model
+    if metric is not None and metric.removeprefix("eval_") != "loss":
+        raise ConfigError(f"--metric_for_best_model {metric}: evaluation here computes the loss "
+                          "only; use --metric_for_best_model loss (or compute_metrics with "
+                          "SFTPluginTrainer in Python)")
 
 
 def _check_plugin_flags(plugin_args: Any) -> None:

@@ -176,6 +176,7 @@ BAD_FLAGS = [
     (("--learning_rat", "0.1"), "--learning_rat"), (("--bf16", "maybe"), "--bf16"),
     (("--save_strategy", "sometimes"), "--save_strategy"),
     (("--eval_strategy", "steps", "--eval_steps", "1"), "--eval_dataset"),
+    (("--metric_for_best_model", "accuracy"), "--metric_for_best_model"),
     (("--lr_scheduler_type", "wobbly"), "--lr_scheduler_type"),
     (("--no_such_flag", "1"), "--no_such_flag"), (("--seed",), "--seed"),
     (("--resume_from_checkpoint", "no-such-checkpoint"), "--resume_from_checkpoint"),
