@@ -543,6 +543,28 @@ class SFTPluginTrainer(Trainer):
         if self.args.should_save:
             summary.write_json(self.args.output_dir)
 
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """``push_to_hub``: the hub repository is created at construction. Without a network,
+        a token or the right to create it, say so in one line before anything trains."""
+        try:
+            super().init_hf_repo(token, private)
+        except Exception as exc:  # the call is hub I/O only: whatever fails is the hub's
+            name = self.args.hub_model_id or os.path.basename(os.path.abspath(
+                self.args.output_dir))
+            raise ConfigError(f"--push_to_hub: cannot create the hub repository {name!r} "
+                              f"({type(exc).__name__}: {exc}); check the network and the token "
+                              "(hf auth login, --hub_token), or drop --push_to_hub") from exc
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """The upload after training; a failure says that the model is saved locally."""
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as exc:  # the upload is hub I/O only
+            raise ConfigError(f"the model is saved in {self.args.output_dir}, but pushing it to "
+                              f"{self.hub_model_id!r} failed ({type(exc).__name__}: {exc}); "
+                              f"upload it with: hf upload {self.hub_model_id} "
+                              f"{self.args.output_dir}") from exc
+
     def _most_on_any_rank(self, value: int) -> int:
         """The largest of ``value`` over the processes of the run."""
         if self.args.world_size <= 1:

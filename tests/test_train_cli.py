@@ -504,3 +504,35 @@ def test_a_run_that_fails_before_training_leaves_an_earlier_run_as_it_was(
                                                 "--on_bad_example", "skip"))
     assert failed.exit_code == 2 and "weights cannot be read" in failed.output, failed.output
     assert files() == before
+
+
+def test_a_failed_upload_after_training_says_the_model_is_saved(chat_model_dir, chat_data_file,
+                                                                tmp_path, monkeypatch):
+    """--push_to_hub: the repository is created, training and the local save succeed, and the
+    upload fails (the network went away): one line saying where the model is and how to upload
+    it, not a traceback that reads like a failed run."""
+    import types
+    from concurrent.futures import Future
+
+    import transformers.trainer
+
+    def upload_folder(run_as_future=False, **kwargs):
+        error = ConnectionError("the network went away")
+        if not run_as_future:
+            raise error
+        failed = Future()  # the checkpoint uploads, in the background, fail in silence
+        failed.set_exception(error)
+        return failed
+
+    hub = types.SimpleNamespace(
+        create_repo=lambda name, **kwargs: types.SimpleNamespace(repo_id=f"me/{name}"),
+        upload_folder=upload_folder)
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, base_args(chat_model_dir, chat_data_file, out,
+                                                "--push_to_hub", "true"))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: the model is saved in {out}, but pushing it to 'me/run' failed "
+        f"(ConnectionError: the network went away); upload it with: hf upload me/run {out}")
+    assert (out / "model.safetensors").is_file()
