@@ -112,6 +112,7 @@ def check_arguments(model_args: Any, data_args: Any, plugin_args: Any,
     _check_evaluation(data_args, training_args)
     _check_streaming(data_args, plugin_args, training_args)
     _check_plugin_flags(plugin_args)
+    _check_lora(model_args)
     _check_output_dir(Path(training_args.output_dir))
 
 
@@ -197,6 +198,21 @@ def _check_evaluation(data_args: Any, training_args: Any) -> None:
         raise ConfigError(f"--metric_for_best_model {metric}: evaluation here computes the loss "
                           "only; use --metric_for_best_model loss (or compute_metrics with "
                           "SFTPluginTrainer in Python)")
+
+
+def _check_lora(model_args: Any) -> None:
+    """peft refuses these only after the model has loaded, and its message reads like a
+    problem with the target modules."""
+    if not model_args.use_lora:
+        return
+    if model_args.lora_r < 1:
+        raise ConfigError(f"--lora_r {model_args.lora_r}: the LoRA rank must be at least 1")
+    if model_args.lora_alpha <= 0:
+        raise ConfigError(f"--lora_alpha {model_args.lora_alpha}: must be positive (the "
+                          "adapter's output is scaled by lora_alpha / lora_r)")
+    if not 0 <= model_args.lora_dropout < 1:
+        raise ConfigError(f"--lora_dropout {model_args.lora_dropout}: must be at least 0 and "
+                          "below 1")
 
 
 def _check_plugin_flags(plugin_args: Any) -> None:

@@ -177,6 +177,10 @@ BAD_FLAGS = [
     (("--save_strategy", "sometimes"), "--save_strategy"),
     (("--eval_strategy", "steps", "--eval_steps", "1"), "--eval_dataset"),
     (("--metric_for_best_model", "accuracy"), "--metric_for_best_model"),
+    (("--deepspeed", "no-such-ds.json"), "deepspeed"),
+    (("--use_lora", "true", "--lora_r", "0"), "--lora_r"),
+    (("--use_lora", "true", "--lora_alpha", "-8"), "--lora_alpha"),
+    (("--use_lora", "true", "--lora_dropout", "1"), "--lora_dropout"),
     (("--lr_scheduler_type", "wobbly"), "--lr_scheduler_type"),
     (("--no_such_flag", "1"), "--no_such_flag"), (("--seed",), "--seed"),
     (("--resume_from_checkpoint", "no-such-checkpoint"), "--resume_from_checkpoint"),
@@ -373,3 +377,25 @@ def test_a_hub_name_that_cannot_be_reached_is_one_line(flag: str, name: str, exp
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+def test_push_to_hub_without_a_reachable_hub_is_one_line_before_training(world: Path,
+                                                                          tmp_path: Path) -> None:
+    """The Trainer creates the hub repository when it is built: offline, that was a traceback
+    from the HTTP client."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "sft_plugins", "train", "--model_name_or_path",
+         str(world / "model-ok"), "--template", "llama-3.1", "--use_cpu", "true", "--dataset",
+         str(world / "ok.jsonl"), "--output_dir", str(tmp_path / "out"), "--push_to_hub", "true",
+         "--hub_model_id", "some-org/some-model", "--report_to", "none"],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: --push_to_hub: cannot create the hub repository 'some-org/some-model' ("), errors
+    assert result.stderr.strip().endswith(errors[0])
+    assert not (tmp_path / "out" / "model.safetensors").exists()

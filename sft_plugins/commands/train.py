@@ -113,6 +113,8 @@ def _in_config_file(error: ConfigError, config: tuple[str, list[str]] | None,
 
 
 _FLAG = re.compile(r"--[A-Za-z0-9][A-Za-z0-9_-]*")
+_DISTRIBUTION = re.compile(r"The '([^']+)' distribution was not found")
+"""How transformers names a package that a flag needs and that is missing."""
 
 
 def _flag_key(flag: str) -> str:
@@ -165,6 +167,11 @@ def parse(argv: Sequence[str]) -> tuple[Any, ...]:
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"invalid training arguments: {exc}") from None
+        except ImportError as exc:  # a flag whose package is missing: --deepspeed, say
+            missing = _DISTRIBUTION.search(str(exc))
+            raise ConfigError("invalid training arguments: " + (
+                f"they need {missing.group(1)}, which is not installed: pip install "
+                f"'{missing.group(1)}'" if missing else str(exc))) from None
         check_arguments(model_args, data_args, plugin_args, training_args)
         options = plugin_options(remaining)
     except ConfigError as exc:
