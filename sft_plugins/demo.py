@@ -289,10 +289,18 @@ def _remove_abandoned_stagings(out: Path) -> None:
 def _staged(out: Path) -> Iterator[Path]:
     """A fresh directory beside ``out`` that replaces ``out`` when the block succeeds, and is
     removed when it fails (``out`` is left as it was)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_stagings(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-",
-                                    dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_stagings(out)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-",
+                                        dir=out.parent))
+    except OSError as exc:
+        reason = ("a part of that path is a file"
+                  if isinstance(exc, (FileExistsError, NotADirectoryError))
+                  else exc.strerror or str(exc))
+        raise DemoOutputError(f"--output_dir {out}: the demo cannot create a directory in "
+                              f"{out.parent} ({reason}); give a directory you can write to"
+                              ) from None
     try:
         yield staging
     except BaseException:

@@ -164,6 +164,17 @@ def test_an_output_dir_that_is_not_a_demo_run_is_refused_before_training(tmp_pat
         assert [p.name for p in out.iterdir()] == ["thesis.tex"]
 
 
+def test_an_output_dir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "notes").write_text("a file, not a directory")
+    out = tmp_path / "notes" / "out"
+    status, output = demo(out, *SHORT)
+    assert status == 2 and "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --output_dir {out}: the demo cannot create a directory in "
+                      f"{out.parent} (a part of that path is a file); give a directory you can "
+                      "write to"], output
+
+
 @pytest.mark.parametrize("flag", [("--max_steps", "0"), ("--batch-size", "0"),
                                   ("--learning_rate", "0"), ("--stop_at_exact_match", "1.5"),
                                   ("--eval_steps", "0")])
