@@ -5,22 +5,24 @@ Kubernetes eviction, spot instances reclaimed), then wait a grace period. Python
 SIGTERM ends the process at once, losing everything since the last checkpoint; its default
 SIGINT (Ctrl-C) raises ``KeyboardInterrupt`` wherever the process is, in the middle of a save
 too. Here either signal only raises a flag; at the end of the current optimizer step every rank
-learns whether any rank got one (one all-reduce), and if one did they all save a checkpoint
+learns whether any rank got one (one gather), and if one did they all save a checkpoint
 together and stop. The grace period must cover one step and one save. Whoever presses Ctrl-C
 and cannot wait for that presses it again: the second one interrupts at once, as usual.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -70,8 +72,8 @@ class SaveOnStopSignal(TrainerCallback):
         if received is signal.SIGINT:
             _restore(signal.SIGINT, self._previous.pop(signal.SIGINT))
             if os.environ.get("RANK", "0") == "0":  # every rank of a terminal's job gets it
-                _say("interrupted: saving a checkpoint at the end of this step, then stopping; "
-                     "press Ctrl-C again to stop at once without saving")
+                logger.warning("interrupted: saving a checkpoint at the end of this step, then "
+                               "stopping; press Ctrl-C again to stop at once without saving")
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState,
                     control: TrainerControl, **kwargs: Any) -> None:
@@ -80,15 +82,6 @@ class SaveOnStopSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at, self.stopped_by = state.global_step, signal.Signals(signum)
-
-
-def _say(message: str) -> None:
-    """Print from a signal handler: to ``sys.stderr`` (a notebook shows it), or straight to
-    file descriptor 2 when the handler interrupted a write to that stream."""
-    try:
-        print(f"\n{message}", file=sys.stderr, flush=True)
-    except RuntimeError:  # "reentrant call": the stream was in the middle of a write
-        os.write(2, f"\n{message}\n".encode())
 
 
 def _restore(signum: signal.Signals, previous: Any) -> None:

@@ -4,6 +4,7 @@ and test_distributed.py.)"""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -37,11 +38,12 @@ def test_no_signal_no_stop(callback, tmp_path):
     assert callback.stopped_at is None and callback.stopped_by is None
 
 
-def test_a_first_ctrl_c_saves_at_the_step_end_and_a_second_interrupts(callback, capsys,
+def test_a_first_ctrl_c_saves_at_the_step_end_and_a_second_interrupts(callback, caplog,
                                                                       tmp_path):
-    os.kill(os.getpid(), signal.SIGINT)
+    with caplog.at_level(logging.WARNING, logger="sft_plugins.preemption"):
+        os.kill(os.getpid(), signal.SIGINT)
     assert callback.received is signal.SIGINT
-    assert "saving a checkpoint at the end of this step" in capsys.readouterr().err
+    assert "saving a checkpoint at the end of this step" in caplog.text
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
