@@ -38,7 +38,8 @@ def _describe(exc: BaseException) -> str:
 
 class _Group(click.Group):
     """Turns our own errors, and the I/O and encoding errors that bad input or a full or
-    read-only disk cause, into one clear line and exit status 2, never a traceback."""
+    read-only disk cause, into one clear line and exit status 2, never a traceback; Ctrl-C into
+    ``interrupted`` and status 130, as shells report it."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -50,6 +51,9 @@ class _Group(click.Group):
             _fail(f"{command}: {exc.format_message()} (see {command} --help)")
         except (OSError, UnicodeError, RecursionError) as exc:
             _fail(_describe(exc))
+        except KeyboardInterrupt:  # Ctrl-C outside training (or twice in it): the shell's status
+            Console(stderr=True).print("\ninterrupted", highlight=False)
+            sys.exit(130)
 
 
 def _fail(message: str) -> typing.NoReturn:
