@@ -5,7 +5,7 @@ Kubernetes eviction, spot instances reclaimed), then wait a grace period. Python
 SIGTERM ends the process at once, losing everything since the last checkpoint; its default
 SIGINT (Ctrl-C) raises ``KeyboardInterrupt`` wherever the process is, in the middle of a save
 too. Here either signal only raises a flag; at the end of the current optimizer step every rank
-learns whether any rank got one (one gather), and if one did they all save a checkpoint
+learns whether any rank got one (one all-reduce), and if one did they all save a checkpoint
 together and stop. The grace period must cover one step and one save. Whoever presses Ctrl-C
 and cannot wait for that presses it again: the second one interrupts at once, as usual.
 """
@@ -39,7 +39,7 @@ class SaveOnStopSignal(TrainerCallback):
     training".
 
     ``most_on_any_rank(n)`` is the largest ``n`` over the data-parallel ranks (the trainer
-    passes a gather; one process needs none): every rank learns the signal, SIGTERM's number
+    passes an all-reduce; one process needs none): every rank learns the signal, SIGTERM's number
     where ranks got different ones. The handlers are installed by
     :meth:`install` (only the main thread may install one) and removed by :meth:`remove`,
     which puts the previous handlers back. A first SIGINT puts the previous SIGINT handler back

@@ -566,11 +566,13 @@ class SFTPluginTrainer(Trainer):
                               f"{self.args.output_dir}") from exc
 
     def _most_on_any_rank(self, value: int) -> int:
-        """The largest of ``value`` over the processes of the run."""
+        """The largest of ``value`` (0 to 64: a signal number, or 0) over the processes of the
+        run, by the one all-reduce (a sum of one-hot counts) every step already made."""
         if self.args.world_size <= 1:
             return value
-        gathered = self.accelerator.gather(torch.tensor([value], device=self.args.device))
-        return int(gathered.max().item())
+        counts = torch.nn.functional.one_hot(torch.tensor(value), 65).float()
+        total = self.accelerator.reduce(counts.to(self.args.device), reduction="sum")
+        return int(total.nonzero().max().item())
 
     def _finished_at(self, checkpoint: str) -> TrainOutput | None:
         """A TrainOutput for a checkpoint that already reached the run's end, else ``None``."""
