@@ -24,6 +24,7 @@ from sft_plugins.masking import (
     ByteLevelSpans,
     Labelled,
     WeightedSpan,
+    Weighting,
     label_examples,
     token_ranges_fast,
 )
@@ -274,3 +275,90 @@ def test_label_examples_on_a_list_gives_the_prepared_rows(
             for r in kept] == [row.get(WEIGHTS_KEY) for row in expected]
     skipped = Counter(r.reason for r in results if isinstance(r, SkipExample))
     assert dict(skipped) == prepared.report.skipped
+
+
+# --------------------------------------------------------------- the batch labeller -------
+
+
+@st.composite
+def tokenized_examples(draw: Any) -> tuple[list[int], list[tuple[int, int]], list[WeightedSpan],
+                                            float]:
+    """Token ids, the token range of each span (sorted; empty ranges, and a token shared by two
+    neighbouring spans, as alignment gives them) and the weighted spans and background."""
+    n_tokens = draw(st.integers(0, 12))
+    ids = draw(st.lists(st.integers(0, 1000), min_size=n_tokens, max_size=n_tokens))
+    ranges: list[tuple[int, int]] = []
+    end = draw(st.integers(0, n_tokens))
+    for _ in range(draw(st.integers(0, 4))):
+        # the next span starts after a gap, right after, or on the previous one's last token
+        gap = draw(st.sampled_from([-1, -1, 0, 2]))
+        a = min(end + gap, n_tokens) if (ranges and end > ranges[-1][0]) or gap >= 0 else end
+        ranges.append((a, min(a + draw(st.integers(0, 4)), n_tokens)))
+        end = max(end, ranges[-1][1])
+    weights = draw(st.lists(st.sampled_from([0.0, 0.25, 1.0]), min_size=len(ranges),
+                            max_size=len(ranges)))
+    spans = [WeightedSpan(2 * k, 2 * k + 1, w) for k, w in enumerate(weights)]
+    background = draw(st.sampled_from([0.0, 0.0, 0.1]))
+    return ids, ranges, spans, background
+
+
+def reference_labels(collator: Any, ids: list[int], ranges: list[tuple[int, int]],
+                     spans: list[WeightedSpan], background: float
+                     ) -> tuple[list[int], list[int], list[float]] | str:
+    """The labelling rules for one example, written out token by token: each token's weight
+    is the largest of the spans it touches, else the background; labels where the weight is
+    above 0; ``max_length`` keeps the start or the end, or drops the example; the reason it is
+    skipped, if it is."""
+    weights = [background] * len(ids)
+    touched: set[int] = set()
+    for (a, b), span in zip(ranges, spans, strict=True):
+        for token in range(a, b):
+            weights[token] = max(span.weight, weights[token]) if token in touched \
+                else span.weight
+            touched.add(token)
+    labels = [t if w > 0 else IGNORE_INDEX for t, w in zip(ids, weights, strict=True)]
+    lo, hi = 0, len(ids)
+    if collator.max_length is not None and len(ids) > collator.max_length:
+        if collator.truncation == "drop":
+            return "too_long"
+        lo, hi = ((0, collator.max_length) if collator.truncation == "keep_start"
+                  else (len(ids) - collator.max_length, len(ids)))
+    if not any(a < hi and b > lo for (a, b), s in zip(ranges, spans, strict=True)
+               if s.weight > 0 and a < b):
+        return "no_trained_token" if (lo, hi) == (0, len(ids)) else "truncated_away"
+    return ids[lo:hi], labels[lo:hi], weights[lo:hi]
+
+
+@EXAMPLES
+@given(batch=st.lists(tokenized_examples(), max_size=6), weighted=st.booleans(),
+       max_length=st.sampled_from([None, 3, 8]),
+       truncation=st.sampled_from(["keep_start", "keep_end", "drop"]))
+def test_the_batch_labeller_labels_every_example_as_if_alone(
+        batch: list[Any], weighted: bool, max_length: int | None, truncation: str) -> None:
+    """One batch of examples with every kind of weighting, truncation and skip at once: each
+    example's slice of the flat columns equals the rules applied to it alone, and skipped
+    examples take no tokens."""
+    from types import SimpleNamespace
+
+    from sft_plugins.masking.labels import label_token_batch
+
+    collator = SimpleNamespace(weighted=weighted, max_length=max_length, truncation=truncation)
+    got = label_token_batch(collator, [Weighting(tuple(s), b) for _, _, s, b in batch],
+                            [ids for ids, *_ in batch], [r for _, r, _, _ in batch])
+    bounds = got.offsets.tolist()
+    assert bounds[0] == 0 and bounds[-1] == len(got.input_ids) == len(got.labels)
+    for outcome, (ids, ranges, spans, background) in zip(got.outcomes, batch, strict=True):
+        expected = reference_labels(collator, ids, ranges, spans, background)
+        if isinstance(expected, str):
+            assert isinstance(outcome, SkipExample) and outcome.reason == expected
+            continue
+        assert isinstance(outcome, int)
+        a, b = bounds[outcome], bounds[outcome + 1]
+        assert got.input_ids[a:b].tolist() == expected[0]
+        assert got.labels[a:b].tolist() == expected[1]
+        if weighted:
+            assert got.loss_weights is not None
+            assert got.loss_weights[a:b].tolist() == pytest.approx(expected[2])
+        else:
+            assert got.loss_weights is None
+    assert len(bounds) - 1 == sum(isinstance(o, int) for o in got.outcomes)

@@ -35,13 +35,13 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     labelled: list[int] = []
-    original = preparation.label_examples
+    original = preparation.label_rows
 
     def counting(collator: Any, rows: Any, *args: Any) -> Any:
         labelled.append(len(rows))
         return original(collator, rows, *args)
 
-    monkeypatch.setattr(preparation, "label_examples", counting)
+    monkeypatch.setattr(preparation, "label_rows", counting)
     return {"data": data, "cache": tmp_path / "cache", "labelled": labelled}
 
 
@@ -152,8 +152,8 @@ from sft_plugins.data import load_sft_dataset
 from sft_plugins.testing import plugin_manager
 
 labelled = []
-original = preparation.label_examples
-preparation.label_examples = lambda c, rows, *a: labelled.append(len(rows)) or original(c, rows, *a)
+original = preparation.label_rows
+preparation.label_rows = lambda c, rows, *a: labelled.append(len(rows)) or original(c, rows, *a)
 manager = plugin_manager("sft_plugins_templates", "sft_plugins_collators")
 tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
 template = manager.resolve_template("llama-3.1", tokenizer)

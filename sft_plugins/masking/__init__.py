@@ -25,9 +25,10 @@ One stage per module, in the order an example goes through them:
 
 - :mod:`.rendering`: a row -> text and the turns to learn (:func:`render_example`);
 - :mod:`.alignment`: character spans -> token ranges (byte lengths, offsets, or prefixes);
-- :mod:`.labels`: token ranges -> weights, labels, truncation;
+- :mod:`.labels`: token ranges -> weights, labels, truncation, a batch at once in numpy;
 - :mod:`.labeller`: all of it for a list of rows (:func:`label_examples`), as training does;
-- :mod:`.preparation`: :func:`label_examples` over a data set in ``datasets.map``, and its report;
+- :mod:`.preparation`: the same over a data set in ``datasets.map``, written to Arrow, and its
+  report;
 - :mod:`.collator`: the :class:`MaskingCollator` base class, its options and padding.
 """
 

@@ -2,8 +2,9 @@
 
 :func:`label_examples` renders a list of rows (:mod:`.rendering`), lets the collator weigh them,
 tokenizes them in one batched call, finds each span's tokens (:mod:`.alignment`) and labels and
-truncates them (:mod:`.labels`). Preparation (:mod:`.preparation`) runs it inside
-``datasets.map``; anything that wants to show what training would learn from a row (``render``)
+truncates them (:mod:`.labels`), the whole batch as flat token columns (:func:`label_rows`).
+Preparation (:mod:`.preparation`) runs that inside ``datasets.map`` and writes the columns to
+Arrow as they are; anything that wants to show what training would learn from a row (``render``)
 calls it on a plain list and gets the same answer. Special-token text inside the data is kept as
 text here (:mod:`sft_plugins.literal_text`), as in training.
 
@@ -36,7 +37,12 @@ from sft_plugins.masking.alignment import (
     encode_slow,
     token_ranges_fast,
 )
-from sft_plugins.masking.labels import check_reasoning_trained, check_spans, label_tokens
+from sft_plugins.masking.labels import (
+    LabelledTokens,
+    check_reasoning_trained,
+    check_spans,
+    label_token_batch,
+)
 from sft_plugins.masking.rendering import RenderedExample, Weighting, render_examples
 
 if TYPE_CHECKING:
@@ -59,6 +65,19 @@ class Labelled:
     """The rendered text the tokens come from (before truncation)."""
 
 
+@dataclass(frozen=True)
+class LabelledRows:
+    """:func:`label_rows`' answer: the kept examples as flat token columns, and what became of
+    every example of every row."""
+
+    tokens: LabelledTokens
+    rows: list[list[int | SkipExample]]
+    """Per row, its examples: the index of each kept one in :attr:`tokens`, or why it was
+    skipped."""
+    texts: list[str]
+    """The rendered text of each kept example (before truncation)."""
+
+
 def label_examples(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]],
                    tokenizer: Any, template: ChatTemplate | None = None
                    ) -> list[list[Labelled | SkipExample]]:
@@ -74,17 +93,41 @@ def label_examples(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]],
     :meth:`~MaskingCollator.prepare` calls). No policy is applied here: ``on_bad_example`` and
     ``strict`` are the caller's.
     """
+    labelled = label_rows(collator, rows, tokenizer, template)
+    tokens, bounds = labelled.tokens, labelled.tokens.offsets.tolist()
+
+    def example(k: int) -> Labelled:
+        a, b = bounds[k], bounds[k + 1]
+        weights = None if tokens.loss_weights is None else tokens.loss_weights[a:b].tolist()
+        return Labelled(tokens.input_ids[a:b].tolist(), tokens.labels[a:b].tolist(), weights,
+                        labelled.texts[k])
+
+    return [[example(r) if isinstance(r, int) else r for r in row] for row in labelled.rows]
+
+
+def label_rows(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]], tokenizer: Any,
+               template: ChatTemplate | None = None) -> LabelledRows:
+    """:func:`label_examples` as flat token columns, which preparation writes to Arrow as
+    they are (no Python list per example)."""
     with without_cycle_collection():
         context = _Context.of(collator, tokenizer, template)
         weighed = [_weigh(collator, row, context) for row in rows]
         items = [w for row in weighed for w in row if isinstance(w, _Weighed)]
         tokens = _tokenize(items, tokenizer, context) if context.fast else \
             [_encode_slow(item, tokenizer) for item in items]
-        labelled = iter([aligned if isinstance(aligned, SkipExample) else
-                         _label(collator, item, *aligned)
-                         for item, aligned in zip(items, tokens, strict=True)])
-        return [[next(labelled) if isinstance(w, _Weighed) else w for w in row]
-                for row in weighed]
+        encoded = [k for k, found in enumerate(tokens) if not isinstance(found, SkipExample)]
+        labelled = label_token_batch(collator, [items[k].weighting for k in encoded],
+                                     [tokens[k][0] for k in encoded],  # type: ignore[index]
+                                     [tokens[k][1] for k in encoded])  # type: ignore[index]
+        outcomes: list[int | SkipExample] = list(tokens)  # type: ignore[arg-type]
+        texts: list[str] = []
+        for k, outcome in zip(encoded, labelled.outcomes, strict=True):
+            outcomes[k] = outcome
+            if not isinstance(outcome, SkipExample):
+                texts.append(items[k].rendered.text)
+        found = iter(outcomes)
+        return LabelledRows(labelled, [[next(found) if isinstance(w, _Weighed) else w
+                                        for w in row] for row in weighed], texts)
 
 
 @contextmanager
@@ -233,13 +276,4 @@ def _with_offsets(item: _Weighed, encoding: Any, tokenizer: Any, context: _Conte
     return encode_batch([item.rendered], tokenizer)[0]
 
 
-def _label(collator: MaskingCollator, item: _Weighed, ids: list[int],
-           ranges: TokenRanges) -> Labelled | SkipExample:
-    try:
-        ids, labels, weights = label_tokens(collator, item.weighting, ids, ranges)
-    except SkipExample as skip:
-        return skip
-    return Labelled(ids, labels, weights, item.rendered.text)
-
-
-__all__ = ["Labelled", "label_examples"]
+__all__ = ["Labelled", "LabelledRows", "label_examples", "label_rows"]

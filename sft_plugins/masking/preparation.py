@@ -1,7 +1,8 @@
 """Labelling a whole data set once, before training: the ``datasets.map`` driver and its report.
 
-:meth:`MaskingCollator.prepare` runs :func:`~sft_plugins.masking.label_examples` on every batch
-inside ``datasets.map`` (``num_proc`` and the ``datasets`` cache work), settles every example it
+:meth:`MaskingCollator.prepare` runs :func:`~sft_plugins.masking.labeller.label_rows` (what
+:func:`~sft_plugins.masking.label_examples` gives, as flat token columns) on every batch inside
+``datasets.map`` (``num_proc`` and the ``datasets`` cache work), settles every example it
 could not label with the one bad-example policy (:mod:`sft_plugins.bad_examples`): raise, naming
 where the example came from, or mark it, count it by reason and drop it. The report says what was
 kept and skipped before training starts.
@@ -17,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Features, IterableDataset, List, Value
@@ -34,7 +36,8 @@ from sft_plugins.bad_examples import (
 from sft_plugins.cache_files import cached_step
 from sft_plugins.errors import MaskingError, SkipExample
 from sft_plugins.loss import WEIGHTS_KEY
-from sft_plugins.masking.labeller import Labelled, label_examples, without_cycle_collection
+from sft_plugins.masking.labeller import label_rows, without_cycle_collection
+from sft_plugins.masking.labels import LabelledTokens
 from sft_plugins.processes import tokenizers_parallelism_kept
 
 if TYPE_CHECKING:
@@ -47,16 +50,6 @@ SKIP_COLUMN = "skip_reason"
 """Column of the mapped (not yet filtered) data set: why a row is skipped, null if kept."""
 DETAIL_COLUMN = "skip_detail"
 """The skipped row's full message (where it came from, the reason, what was wrong)."""
-
-COLUMN_TYPES = {
-    "input_ids": pa.list_(pa.int32()),
-    "labels": pa.list_(pa.int32()),
-    WEIGHTS_KEY: pa.list_(pa.float32()),
-    SKIP_COLUMN: pa.string(),
-    DETAIL_COLUMN: pa.string(),
-}
-"""Explicit Arrow types of the map's output: ``datasets`` would otherwise scan every Python list
-to infer them, which costs as much as the labelling itself."""
 
 QUOTED_SKIPS = 5
 """How many skipped examples the report quotes in full (the counts cover all of them)."""
@@ -131,8 +124,9 @@ def prepare_dataset(collator: MaskingCollator, dataset: datasets.Dataset, tokeni
 def label_batch(batch: Mapping[str, list[Any]], indices: Sequence[int], *,
                 collator: MaskingCollator, tokenizer: Any,
                 template: ChatTemplate | None) -> pa.Table:
-    """The ``datasets.map`` function: :func:`label_examples` on the batch's rows, as an Arrow
-    table with explicit column types, one row per example (a row the collator expands gives
+    """The ``datasets.map`` function: :func:`~sft_plugins.masking.labeller.label_rows` on the
+    batch's rows, as an Arrow table with explicit column types (``datasets`` would otherwise
+    scan every value to infer them), one row per example (a row the collator expands gives
     several); a skipped example is empty, with its reason and message. Python's cycle
     collector waits until the batch's objects are gone
     (:func:`~sft_plugins.masking.labeller.without_cycle_collection`)."""
@@ -144,40 +138,44 @@ def _labelled_table(batch: Mapping[str, list[Any]], indices: Sequence[int],
                     collator: MaskingCollator, tokenizer: Any,
                     template: ChatTemplate | None) -> pa.Table:
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-    columns: dict[str, list[Any]] = {name: [] for name in COLUMN_TYPES
-                                     if name != WEIGHTS_KEY or collator.weighted}
-    for index, row, results in zip(indices, rows, label_examples(collator, rows, tokenizer,
-                                                                 template), strict=True):
+    labelled = label_rows(collator, rows, tokenizer, template)
+    kept = np.diff(labelled.tokens.offsets).tolist()
+    lengths: list[int] = []  # tokens of every example, kept or skipped (none)
+    reasons: list[str | None] = []
+    details: list[str | None] = []
+    for index, row, results in zip(indices, rows, labelled.rows, strict=True):
         for part, result in enumerate(results, 1):
-            if isinstance(result, Labelled):
-                _append_labelled(columns, result)
+            if not isinstance(result, SkipExample):
+                lengths.append(kept[result])
+                reasons.append(None)
+                details.append(None)
                 continue
             where = location_of(row, index)
             if len(results) > 1:
                 where += f", turn {part} of {len(results)}"
-            _append_skip(columns, collator, result, where)
-    return pa.table({name: pa.array(values, type=COLUMN_TYPES[name])
-                     for name, values in columns.items()})
+            _settle(collator, result, where)
+            lengths.append(0)
+            reasons.append(result.reason)
+            details.append(f"{where}: {result.reason}: {result}")
+    return _table(labelled.tokens, lengths, reasons, details)
 
 
-def _append_labelled(columns: dict[str, list[Any]], labelled: Labelled) -> None:
-    columns["input_ids"].append(labelled.input_ids)
-    columns["labels"].append(labelled.labels)
-    if WEIGHTS_KEY in columns:
-        columns[WEIGHTS_KEY].append(labelled.loss_weights)
-    columns[SKIP_COLUMN].append(None)
-    columns[DETAIL_COLUMN].append(None)
-
-
-def _append_skip(columns: dict[str, list[Any]], collator: MaskingCollator, skip: SkipExample,
-                 where: str) -> None:
-    """Mark a skipped row, or raise when the bad-example policy (or ``strict``) says so."""
-    _settle(collator, skip, where)
-    for name in ("input_ids", "labels", WEIGHTS_KEY):
-        if name in columns:
-            columns[name].append([])
-    columns[SKIP_COLUMN].append(skip.reason)
-    columns[DETAIL_COLUMN].append(f"{where}: {skip.reason}: {skip}")
+def _table(tokens: LabelledTokens, lengths: list[int], reasons: list[str | None],
+           details: list[str | None]) -> pa.Table:
+    """The map's output, built on the flat token columns as they are (the kept examples' tokens
+    in order; a skipped example is an empty list): converting a Python list per example cost
+    as much as labelling the batch."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    bounds = pa.array(offsets)
+    columns = {"input_ids": pa.ListArray.from_arrays(bounds, pa.array(tokens.input_ids)),
+               "labels": pa.ListArray.from_arrays(bounds, pa.array(tokens.labels))}
+    if tokens.loss_weights is not None:
+        columns[WEIGHTS_KEY] = pa.ListArray.from_arrays(
+            bounds, pa.array(tokens.loss_weights.astype(np.float32)))
+    columns[SKIP_COLUMN] = pa.array(reasons, type=pa.string())
+    columns[DETAIL_COLUMN] = pa.array(details, type=pa.string())
+    return pa.table(columns)
 
 
 def _settle(collator: MaskingCollator, skip: SkipExample, where: str) -> None:
