@@ -317,6 +317,8 @@ def reference_labels(collator: Any, ids: list[int], ranges: list[tuple[int, int]
                 else span.weight
             touched.add(token)
     labels = [t if w > 0 else IGNORE_INDEX for t, w in zip(ids, weights, strict=True)]
+    if not any(a < b and s.weight > 0 for (a, b), s in zip(ranges, spans, strict=True)):
+        return "no_trained_token"  # whatever its length: truncation is not why
     lo, hi = 0, len(ids)
     if collator.max_length is not None and len(ids) > collator.max_length:
         if collator.truncation == "drop":
@@ -325,7 +327,7 @@ def reference_labels(collator: Any, ids: list[int], ranges: list[tuple[int, int]
                   else (len(ids) - collator.max_length, len(ids)))
     if not any(a < hi and b > lo for (a, b), s in zip(ranges, spans, strict=True)
                if s.weight > 0 and a < b):
-        return "no_trained_token" if (lo, hi) == (0, len(ids)) else "truncated_away"
+        return "truncated_away"
     return ids[lo:hi], labels[lo:hi], weights[lo:hi]
 
 

@@ -115,13 +115,18 @@ def label_token_batch(collator: MaskingCollator, weightings: Sequence[Weighting]
     dropped: list[tuple[int, int]] = []  # token ranges of the batch that are cut or skipped
     outcomes: list[int | SkipExample] = []
     kept_lengths: list[int] = []
+    limit = collator.max_length
     for k, (weighting, example_ranges) in enumerate(zip(weightings, ranges, strict=True)):
         n_tokens, base = lengths[k], bases[k]
         trained = [(a, b) for (a, b), s in zip(example_ranges, weighting.spans, strict=True)
                    if s.weight > 0 and a < b]
+        lo, hi = 0, n_tokens
         try:
-            lo, hi = _kept_window(collator, n_tokens)
-            _check_trained_left(collator, trained, lo, hi, n_tokens)
+            if not trained:
+                raise SkipExample("no_trained_token", "has no token to train on")
+            if limit is not None and n_tokens > limit:  # the rare case: truncation
+                lo, hi = _kept_window(collator, n_tokens)
+                _check_trained_left(collator, trained, lo, hi)
         except SkipExample as skip:
             outcomes.append(skip)
             dropped.append((base, base + n_tokens))
@@ -161,10 +166,9 @@ def _covered(opened: list[int], closed: list[int], total: int) -> np.ndarray:
 
 
 def _kept_window(collator: MaskingCollator, n_tokens: int) -> tuple[int, int]:
-    """The tokens ``[lo, hi)`` that ``max_length`` and ``truncation`` keep."""
+    """The tokens ``[lo, hi)`` that ``max_length`` and ``truncation`` keep of an example
+    longer than ``max_length``."""
     limit = collator.max_length
-    if limit is None or n_tokens <= limit:
-        return 0, n_tokens
     if collator.truncation == "drop":
         raise SkipExample("too_long", f"has {n_tokens} tokens, more than max_length={limit} "
                                       "(truncation='drop')")
@@ -172,11 +176,9 @@ def _kept_window(collator: MaskingCollator, n_tokens: int) -> tuple[int, int]:
 
 
 def _check_trained_left(collator: MaskingCollator, trained: list[tuple[int, int]], lo: int,
-                        hi: int, n_tokens: int) -> None:
+                        hi: int) -> None:
     if any(a < hi and b > lo for a, b in trained):
         return
-    if (lo, hi) == (0, n_tokens):
-        raise SkipExample("no_trained_token", "has no token to train on")
     raise SkipExample("truncated_away", f"has no trained token left after truncation to "
                                         f"max_length={collator.max_length} "
                                         f"({collator.truncation})")
