@@ -27,13 +27,6 @@ logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def exit_status(stopped_by: signal.Signals) -> int:
-    """What the command exits with after saving: the conventional status of the signal (143
-    for SIGTERM, 130 for SIGINT), so that a scheduler (or a Kubernetes Job) sees an
-    interrupted run, not a finished one."""
-    return 128 + stopped_by
-
-
 class SaveOnStopSignal(TrainerCallback):
     """Turns SIGTERM and a first SIGINT into "save a checkpoint after this step, then stop
     training".
@@ -90,4 +83,4 @@ def _restore(signum: signal.Signals, previous: Any) -> None:
     signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
 
-__all__ = ["STOP_SIGNALS", "SaveOnStopSignal", "exit_status"]
+__all__ = ["SaveOnStopSignal"]

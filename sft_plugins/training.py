@@ -57,6 +57,13 @@ class TrainingRun:
         return self.trainer.stop_signals.stopped_by
 
     @property
+    def exit_status(self) -> int:
+        """What the command exits with: 0, or after a stop by a signal (and its checkpoint)
+        the signal's conventional status, 143 for SIGTERM and 130 for SIGINT, so that a
+        scheduler (or a Kubernetes Job) sees an interrupted run, not a finished one."""
+        return 0 if self.stopped_by is None else 128 + self.stopped_by
+
+    @property
     def examples(self) -> int:
         """Training examples kept by preparation (of a stream: those labelled, one pass at
         most, as far as training read it)."""

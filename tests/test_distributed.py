@@ -26,8 +26,18 @@ FSDP_ON_CPU = Path(__file__).parent / "scripts" / "fsdp_on_cpu"
 def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", **env}
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, failure_report(done)
     return done
+
+
+def failure_report(done: subprocess.CompletedProcess) -> str:
+    """What a failed launch said: every line that names an error or a signal (a rank's cause
+    of death comes early, before the launcher's summary), then the ends of both streams."""
+    clues = [line for line in (done.stdout + done.stderr).splitlines()
+             if any(word in line for word in ("Error", "error:", "Traceback", "Signal", "signal",
+                                              "abort", "terminate called", "Fatal"))]
+    return "\n".join([f"exit status {done.returncode}", *clues[:40], "--- stdout (end)",
+                      done.stdout[-3000:], "--- stderr (end)", done.stderr[-3000:]])
 
 
 @pytest.mark.slow

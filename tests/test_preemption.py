@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from sft_plugins.preemption import SaveOnStopSignal, exit_status
+from sft_plugins.preemption import SaveOnStopSignal
+from sft_plugins.training import TrainingRun
 
 
 @pytest.fixture
@@ -50,7 +52,7 @@ def test_a_first_ctrl_c_saves_at_the_step_end_and_a_second_interrupts(callback, 
     control = step_end(callback, tmp_path)
     assert control.should_save and control.should_training_stop
     assert (callback.stopped_at, callback.stopped_by) == (7, signal.SIGINT)
-    assert exit_status(callback.stopped_by) == 130
+    assert run_with(callback).exit_status == 130
 
 
 def test_sigterm_stays_caught_however_often_it_comes(callback, tmp_path):
@@ -59,7 +61,18 @@ def test_sigterm_stays_caught_however_often_it_comes(callback, tmp_path):
     assert callback.received is signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == callback._note
     step_end(callback, tmp_path)
-    assert callback.stopped_by is signal.SIGTERM and exit_status(signal.SIGTERM) == 143
+    assert callback.stopped_by is signal.SIGTERM and run_with(callback).exit_status == 143
+
+
+def test_a_run_no_signal_stopped_exits_with_0(callback, tmp_path):
+    step_end(callback, tmp_path)
+    assert callback.stopped_by is None and run_with(callback).exit_status == 0
+
+
+def run_with(callback: SaveOnStopSignal) -> TrainingRun:
+    """A run whose trainer holds ``callback`` (nothing else of it is read)."""
+    trainer = SimpleNamespace(stop_signals=callback)
+    return TrainingRun(trainer, "trained", 0.0, None)  # type: ignore[arg-type]
 
 
 def test_every_rank_learns_the_signal_another_rank_got(tmp_path):

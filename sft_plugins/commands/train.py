@@ -187,14 +187,13 @@ def run(argv: Sequence[str]) -> Any:
     """Parse ``argv``, load everything (failing before any training), train, save, and print
     what happened. A run stopped by SIGTERM or Ctrl-C (after saving its checkpoint) exits
     with 143 or 130."""
-    from sft_plugins.preemption import exit_status
     from sft_plugins.training import train_from_arguments
 
     outcome = train_from_arguments(*parse(argv))
     if outcome.trainer.is_world_process_zero():
         report(outcome)
-    if outcome.outcome == "stopped_by_signal":
-        sys.exit(exit_status(outcome.stopped_by))
+    if outcome.exit_status:
+        sys.exit(outcome.exit_status)
     return outcome
 
 
