@@ -204,6 +204,11 @@ def test_strict_mode_raises_instead_of_dropping(tokenizer: Any, collators: Any) 
     ({"prompt": "Q:", "completion": ""}, DataError, "invalid"),
     ({"prompt": [{"role": "user", "content": "hi"}],
       "completion": [{"role": "assistant", "content": ""}]}, DataError, "invalid"),
+    # the loader's rule (data.formats.check_conversation): blank content, or no assistant turn
+    ({"prompt": [{"role": "user", "content": "hi"}],
+      "completion": [{"role": "assistant", "content": " \n "}]}, DataError, "invalid"),
+    ({"prompt": [{"role": "user", "content": "hi"}],
+      "completion": [{"role": "user", "content": "more"}]}, DataError, "invalid"),
 ])
 def test_an_empty_completion_is_an_error_naming_the_example(
         tokenizer: Any, collators: Any, row: dict[str, Any], error: type, reason: str) -> None:

@@ -25,7 +25,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sft_plugins.data.schema import REASONING_KEYS, Kind
+from sft_plugins.data.schema import REASONING_KEYS, Kind, trains_something
 from sft_plugins.errors import DataError, SkipExample
 
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "environment")
@@ -333,10 +333,7 @@ def check_conversation(format_name: str, messages: list[dict[str, str | None]],
             raise SkipExample("unknown_role", f"unknown role {message['role']!r}",
                               field=f"{message_field(format_name, i, completion_index)}.role",
                               expected=f"one of {', '.join(KNOWN_ROLES)}")
-    start = completion_index or 0
-    if not any(m["role"] == "assistant"
-               and ((m["content"] or "").strip() or m["tool_calls"] or m["function_calls"])
-               for m in messages[start:]):
+    if not any(map(trains_something, messages[completion_index or 0:])):
         where = {"prompt_completion": "completion", "alpaca": "output",
                  "sharegpt": "conversations"}.get(format_name, "messages")
         raise SkipExample("no_assistant_content",

@@ -72,6 +72,17 @@ BAD_MESSAGE = "_bad_message"
 WORKING = Features({BAD_REASON: Value("string"), BAD_MESSAGE: Value("string")})
 
 
+def trains_something(message: Mapping[str, Any]) -> bool:
+    """Whether ``message`` gives a model something to learn: an assistant turn with content
+    that is not blank, a tool call, or OLMo's ``function_calls``. (Content that is not text at
+    all counts here, so that the template's validation names what is wrong with it.)"""
+    if message.get("role") != "assistant":
+        return False
+    content = message.get("content")
+    return bool(content.strip() if isinstance(content, str) else content) \
+        or bool(message.get("tool_calls") or message.get("function_calls"))
+
+
 def features_for(kind: Kind) -> Features:
     """The canonical features of ``kind`` plus the working columns used during preparation."""
     base = CONVERSATION_FEATURES if kind == "conversation" else TEXT_FEATURES

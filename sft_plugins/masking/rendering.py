@@ -11,7 +11,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from sft_plugins.data.schema import REASONING_KEYS, decode_json, decode_messages, reasoning_of
+from sft_plugins.data.schema import (
+    REASONING_KEYS,
+    decode_json,
+    decode_messages,
+    reasoning_of,
+    trains_something,
+)
 from sft_plugins.errors import DataError, MaskingError
 
 if TYPE_CHECKING:
@@ -192,9 +198,9 @@ def _render_messages(prompt: list[dict[str, Any]], rest: list[dict[str, Any]],
     if template is None:
         raise MaskingError("conversational data needs a chat template; name one with "
                            "--chat_template or pass template= to prepare()")
-    if completion and not any(m.get("content") or m.get("tool_calls") or m.get("function_calls")
-                              for m in rest):
-        raise DataError("the completion has no message with content; nothing to train on")
+    if completion and not any(map(trains_something, rest)):
+        raise DataError("the completion has no assistant turn with non-empty content or tool "
+                        "calls; nothing to train on")
     messages = [*prompt, *rest]
     rendered = template.render(messages, tools=tools)
     first = len(prompt)
