@@ -20,6 +20,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from torch.utils.data import get_worker_info
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ class SaveOnStopSignal(TrainerCallback):
         self._previous = {}
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
+        if get_worker_info() is not None:
+            # a DataLoader worker, forked with this handler: a terminal's Ctrl-C reaches it
+            # too, but stopping is the training process's business (and its one message)
+            return
         received = signal.Signals(signum)
         self.received = self.received or received
         if received is signal.SIGINT:

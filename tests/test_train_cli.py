@@ -436,6 +436,40 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(chat_model_dir, chat_data_
     assert not list(out.glob("checkpoint-*")) and not (out / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_reaches_the_dataloader_workers_and_is_said_once(
+        chat_model_dir, chat_data_file, tmp_path):
+    """A terminal sends Ctrl-C to the whole foreground process group, the DataLoader's forked
+    workers included: they leave the stop to the training process, which saves once and says
+    so once."""
+    import os
+    import subprocess
+
+    rows = chat_data_file.read_text(encoding="utf-8")
+    data = tmp_path / "many.jsonl"
+    data.write_text(rows * 100, encoding="utf-8")  # workers that live through the signal
+    out = tmp_path / "run"
+    args = base_args(chat_model_dir, data, out, "--max_steps", "100000", "--save_strategy",
+                     "no", "--dataloader_num_workers", "2")
+    process = subprocess.Popen([sys.executable, "-m", "sft_plugins", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               start_new_session=True)
+    said = ""
+    while "'loss'" not in said:  # the workers are running once a step has been logged
+        line = process.stdout.readline()
+        assert line, said[-2000:]
+        said += line
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    output = said + output
+    assert process.returncode == 130, output[-2000:]
+    assert output.count("interrupted: saving a checkpoint") == 1, output[-2000:]
+    stopped = re.search(r"stopped by Ctrl-C \(SIGINT\) after step (\d+)", output)
+    assert stopped, output[-2000:]
+    assert (out / f"checkpoint-{stopped.group(1)}" / "sft_plugins_complete.json").is_file()
+
+
 INSPECT = """
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
