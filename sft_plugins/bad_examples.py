@@ -28,7 +28,10 @@ OnBadExample = Literal["error", "skip"]
 POLICIES: tuple[str, ...] = ("error", "skip")
 
 QUOTED = 20
-"""How many skipped examples a count quotes in full (the counts cover all of them)."""
+"""How many skipped examples a count keeps in full, for ``data_summary.json`` (the counts cover
+all of them)."""
+PRINTED = 5
+"""How many of those the log prints."""
 
 
 def describe_location(source_file: str, source_row: int, source_line: int | None) -> str:

@@ -221,6 +221,20 @@ def test_an_empty_completion_is_an_error_naming_the_example(
     assert prepared.report.skipped == {reason: 1} and prepared.report.kept == 1
 
 
+def test_the_report_keeps_as_many_skips_as_the_data_summary_and_prints_a_few(
+        tokenizer: Any, collators: Any) -> None:
+    from sft_plugins.bad_examples import PRINTED, QUOTED
+
+    rows = [{"prompt": "Q:", "completion": ""}] * (QUOTED + 3) + [{"prompt": "Q:",
+                                                                  "completion": " fine"}]
+    report = prepare(collators.create("completion-only", on_bad_example="skip"), rows,
+                     tokenizer).report
+    assert report.skipped == {"invalid": QUOTED + 3} and report.kept == 1
+    assert len(report.first_skips) == QUOTED and report.first_skips[0].startswith("example 0:")
+    assert sum(skip in report.summary().splitlines()[1:] for skip in
+               [f"  {s}" for s in report.first_skips]) == PRINTED
+
+
 def test_a_conversation_without_assistant_turn_names_file_and_line(tokenizer: Any,
                                                                     collators: Any) -> None:
     rows = [{"messages": CONVERSATION, "source_file": "train.jsonl", "source_line": 1},

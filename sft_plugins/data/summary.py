@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sft_plugins.bad_examples import QUOTED, PassCounts, StreamCounts
+from sft_plugins.bad_examples import PRINTED, QUOTED, PassCounts, StreamCounts
 from sft_plugins.data.schema import Kind
 from sft_plugins.files import write_text_atomically
 
@@ -126,7 +126,7 @@ class DataSummary:
                          f"{', '.join(s.sources)})")
             for reason, count in sorted(s.skipped.items(), key=lambda item: -item[1]):
                 lines.append(f"  skipped {count}: {reason}")
-            lines.extend(f"    {sample}" for sample in s.samples[:5])
+            lines.extend(f"    {sample}" for sample in s.samples[:PRINTED])
             if s.preparation is not None:
                 kept, total = s.preparation["kept"], s.preparation["total"]
                 lines.append(f"  labelling kept {kept} of {total}")

@@ -27,6 +27,8 @@ from datasets.fingerprint import Hasher, generate_random_fingerprint, is_caching
 from sft_plugins._version import __version__
 from sft_plugins.arrow_rows import column_names
 from sft_plugins.bad_examples import (
+    PRINTED,
+    QUOTED,
     CountingMapFunction,
     StreamCounts,
     count_skips,
@@ -51,9 +53,6 @@ SKIP_COLUMN = "skip_reason"
 DETAIL_COLUMN = "skip_detail"
 """The skipped row's full message (where it came from, the reason, what was wrong)."""
 
-QUOTED_SKIPS = 5
-"""How many skipped examples the report quotes in full (the counts cover all of them)."""
-
 COUNTED_ONLY = ("too_long", "truncated_away")
 """Reasons counted whatever ``on_bad_example`` says: the collator's own truncation rule asked
 for the skip (a ``strict`` collator raises for ``truncated_away``)."""
@@ -67,7 +66,8 @@ class PreparationReport:
     kept: int
     skipped: dict[str, int] = field(default_factory=dict)
     first_skips: list[str] = field(default_factory=list)
-    """The messages of the first skipped examples (where it came from, what was wrong)."""
+    """The messages of the first skipped examples (where it came from, what was wrong), as
+    many as ``data_summary.json`` keeps; the log prints the first few."""
     rows: int | None = None
     """How many rows the examples came from, when the collator's ``expand`` option split
     conversations into one example per assistant turn (``None``: one example per row)."""
@@ -84,7 +84,7 @@ class PreparationReport:
         if not self.skipped:
             return line + "; none skipped"
         return "\n  ".join([f"{line}; skipped {self.total - self.kept}: {self.skip_counts()}",
-                            *self.first_skips])
+                            *self.first_skips[:PRINTED]])
 
 
 @dataclass
@@ -200,7 +200,7 @@ def _drop_skipped(mapped: datasets.Dataset, num_proc: int | None,
     total = len(mapped)
     if bad.total:
         first_skips = mapped.data.column(DETAIL_COLUMN).take(
-            bad.positions[:QUOTED_SKIPS]).to_pylist()
+            bad.positions[:QUOTED]).to_pylist()
         marked = mapped
         mapped = cached_step(lambda load: marked.filter(
             _kept, input_columns=SKIP_COLUMN, batched=True, num_proc=num_proc,
@@ -260,7 +260,7 @@ class StreamLabeller(CountingMapFunction):
         bad = count_skips(reasons)
         samples: list[str] = []
         if bad.total:
-            samples = table.column(DETAIL_COLUMN).take(bad.positions[:QUOTED_SKIPS]).to_pylist()
+            samples = table.column(DETAIL_COLUMN).take(bad.positions[:QUOTED]).to_pylist()
             table = table.filter(pc.is_null(reasons))
         self.counts.add(indices[0] if len(indices) else 0, len(reasons),
                         pc.drop_null(reasons).to_pylist() if bad.total else [], samples,
@@ -268,7 +268,7 @@ class StreamLabeller(CountingMapFunction):
         counts = self.counts.counts
         self.report.total, self.report.kept = counts.examples, counts.kept
         self.report.skipped = counts.skipped
-        self.report.first_skips = counts.samples[:QUOTED_SKIPS]
+        self.report.first_skips = counts.samples[:QUOTED]
         self.report.rows = counts.rows if self.collator.expand != "off" else None
         return table.drop_columns([SKIP_COLUMN, DETAIL_COLUMN]).to_pydict()
 
