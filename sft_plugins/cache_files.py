@@ -1,13 +1,13 @@
 """Cached Arrow files are checked before they are trusted.
 
 Preparation (reading the data, validating it, labelling it) is cached by ``datasets``: a second
-run with the same data files, template, collator and options, tokenizer and package version loads
-the prepared rows instead of computing them. ``datasets`` writes each cache file under a
-temporary name and renames it when complete, but a file can still be damaged afterwards (a
-disk error, a copy cut short). An Arrow stream cut at a record-batch boundary even reads back
-without an error, only shorter. So every cache file is checked before use: it must end with the
-stream's end-of-stream marker and its record batches must read; otherwise the step is computed
-again and the file replaced.
+run with the same data files, template, collator and options, tokenizer and code
+(:func:`~sft_plugins._version.code_fingerprint`) loads the prepared rows instead of computing
+them. ``datasets`` writes each cache file under a temporary name and renames it when complete,
+but a file can still be damaged afterwards (a disk error, a copy cut short). An Arrow stream cut
+at a record-batch boundary even reads back without an error, only shorter. So every cache file is
+checked before use: it must end with the stream's end-of-stream marker and its record batches
+must read; otherwise the step is computed again and the file replaced.
 """
 
 from __future__ import annotations

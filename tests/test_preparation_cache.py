@@ -101,9 +101,74 @@ def test_any_change_prepares_again(setup: dict[str, Any], change: str) -> None:
 
 def test_another_package_version_prepares_again(setup: dict[str, Any],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import sft_plugins._version
+
     prepare(setup)
-    monkeypatch.setattr(preparation, "__version__", "999.0")
+    monkeypatch.setattr(sft_plugins._version, "__version__", "999.0")
     assert prepare(setup)[0] > 0
+
+
+def test_the_code_fingerprint_follows_the_files_that_define_functions_and_classes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a template's checks (functions) and a collator (an object) add to the key."""
+    import importlib
+
+    from sft_plugins._version import code_fingerprint
+
+    module = tmp_path / "a_check.py"
+    module.write_text("def check(messages, tools):\n    pass\n\n\nclass Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import a_check
+
+    before = code_fingerprint(a_check.check), code_fingerprint(a_check.Thing())
+    assert before == (code_fingerprint(a_check.check), code_fingerprint(a_check.Thing()))
+    assert code_fingerprint() not in before and code_fingerprint(1) == code_fingerprint()
+    module.write_text(module.read_text() + "# edited\n")
+    importlib.reload(a_check)
+    after = code_fingerprint(a_check.check), code_fingerprint(a_check.Thing())
+    assert after[0] != before[0] and after[1] != before[1]
+
+
+PLUGIN = """
+from sft_plugins.masking import MaskingCollator, WeightedSpan, Weighting
+
+
+class Edited(MaskingCollator):
+    name = "edited"
+
+    def weigh(self, example):
+        return Weighting(tuple(WeightedSpan(a, b) for a, b in example.assistant_spans),
+                         background={background})
+"""
+
+
+def test_a_collator_whose_code_changed_prepares_again(setup: dict[str, Any], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin being written keeps its name, options and version while its code changes: its
+    source is in the cache key, not only its version."""
+    import importlib
+
+    module = tmp_path / "edited_collator.py"
+    module.write_text(PLUGIN.format(background=0.0))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import edited_collator
+
+    tokenizer = AutoTokenizer.from_pretrained(LLAMA3_TOKENIZER_DIR)
+    template = MANAGER.resolve_template("llama-3.1", tokenizer)
+    data = load_sft_dataset(str(setup["data"]), template=template).train
+
+    def labelled() -> tuple[int, list[Any]]:
+        before = sum(setup["labelled"])
+        prepared = edited_collator.Edited().prepare(data, tokenizer, template, desc=None)
+        return sum(setup["labelled"]) - before, prepared.dataset["labels"]
+
+    cold, assistant_only = labelled()
+    assert cold == len(ROWS) and labelled() == (0, assistant_only)
+    module.write_text(PLUGIN.format(background=1.0))  # every token trained
+    importlib.reload(edited_collator)
+    changed, every_token = labelled()
+    assert changed == len(ROWS), "the edited collator's labels came from the cache"
+    assert every_token != assistant_only and -100 not in every_token[0]
 
 
 def _cache_files(setup: dict[str, Any]) -> list[Path]:

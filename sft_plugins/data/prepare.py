@@ -37,7 +37,7 @@ from datasets import (
 )
 from datasets.fingerprint import Hasher
 
-from sft_plugins._version import __version__
+from sft_plugins._version import code_fingerprint
 from sft_plugins.bad_examples import (
     QUOTED,
     CountingMapFunction,
@@ -328,7 +328,8 @@ def _prepare_piece(piece: Piece, format_name: str, kind: Kind, options: _Options
     num_proc = min(num_proc, len(piece.dataset))
     fingerprint = Hasher.hash([piece.dataset._fingerprint, format_name, kind,
                                sorted(options.column_map.items()),
-                               _template_fingerprint(options.template), __version__])
+                               _template_fingerprint(options.template),
+                               code_fingerprint(*getattr(options.template, "checks", ()))])
     with tokenizers_parallelism_kept():
         dataset = cached_step(lambda load: piece.dataset.map(
             function, batched=True, with_indices=True, features=features_for(kind),

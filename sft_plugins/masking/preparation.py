@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from datasets import Features, IterableDataset, List, Value
 from datasets.fingerprint import Hasher, generate_random_fingerprint, is_caching_enabled
 
-from sft_plugins._version import __version__
+from sft_plugins._version import code_fingerprint
 from sft_plugins.arrow_rows import column_names
 from sft_plugins.bad_examples import (
     PRINTED,
@@ -102,13 +102,15 @@ def prepare_dataset(collator: MaskingCollator, dataset: datasets.Dataset, tokeni
     """:meth:`MaskingCollator.prepare`: bind, label every batch, count and drop the skips."""
     collator.bind(tokenizer, template)
     fn_kwargs = {"collator": collator, "tokenizer": tokenizer, "template": template}
-    # the cache key: the rows, the labelling code (by version), the collator with its options,
-    # the tokenizer and the template with its variables. Hashing the tokenizer serialises all
+    # the cache key: the rows, the code (the package's, and the files of the collator's
+    # classes and the template's checks), the collator with its options, the tokenizer and the
+    # template with its variables. Hashing the tokenizer serialises all
     # of it (0.15 s for a 128 256-entry vocabulary), so only data that ``datasets`` caches
     # (read from files, caching on) pays for it; other results get the random fingerprint
     # ``datasets`` gives whatever it does not cache
+    checks = getattr(template, "checks", ())
     fingerprint = (Hasher.hash([dataset._fingerprint, label_batch, fn_kwargs, batch_size,
-                                __version__])
+                                code_fingerprint(collator, *checks)])
                    if is_caching_enabled() and dataset.cache_files
                    else generate_random_fingerprint())
     with tokenizers_parallelism_kept():
