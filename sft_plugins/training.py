@@ -20,12 +20,13 @@ from sft_plugins.arguments import (
 )
 from sft_plugins.data import SFTData, load_sft_dataset, parse_column_map
 from sft_plugins.errors import ConfigError, TemplateError
+from sft_plugins.given_data import default_collator_name
 from sft_plugins.manager import PluginManager, get_plugin_manager
 from sft_plugins.masking import MaskingCollator
 from sft_plugins.modeling import load_model, load_tokenizer
 from sft_plugins.options import parse_variables
 from sft_plugins.perturb import Perturber
-from sft_plugins.trainer import SFTPluginTrainer, default_collator_name
+from sft_plugins.trainer import SFTPluginTrainer
 
 Outcome = Literal["trained", "already_finished", "stopped_by_signal"]
 

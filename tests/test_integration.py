@@ -170,7 +170,7 @@ def test_packing_after_a_skipped_example_trains_only_the_kept_ones(tmp_path):
 
 
 def test_the_embedding_check_and_summary_read_only_the_rows_of_a_view(tmp_path):
-    from sft_plugins.trainer import trained_token_summary
+    from sft_plugins.given_data import trained_token_summary
 
     rows = Dataset.from_dict({"input_ids": [[1, 2], [10**6, 7], [3]],
                               "labels": [[-100, 2], [10**6, 7], [3]]})

@@ -178,7 +178,7 @@ def test_raw_rows_and_the_clis_canonical_rows_get_the_same_default(rows, name):
     """The library sees TRL's rows; ``sft-plugins train`` sees them canonicalised by
     ``load_sft_dataset`` (``completion_index``/``completion_offset``)."""
     from sft_plugins.data import load_sft_dataset
-    from sft_plugins.trainer import default_collator_name
+    from sft_plugins.given_data import default_collator_name
 
     raw = Dataset.from_list(rows)
     assert default_collator_name(raw) == name
@@ -186,7 +186,7 @@ def test_raw_rows_and_the_clis_canonical_rows_get_the_same_default(rows, name):
 
 
 def test_default_collator_name_reads_set_indices_and_offsets():
-    from sft_plugins.trainer import DEFAULT_COLLATOR_SAMPLE, default_collator_name
+    from sft_plugins.given_data import DEFAULT_COLLATOR_SAMPLE, default_collator_name
 
     conversation = MESSAGES[0]["messages"]
     assert default_collator_name(None) == "assistant-only"
