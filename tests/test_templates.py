@@ -315,6 +315,26 @@ def test_llama_3_1_trained_spans_are_exactly_trimmed_content_plus_eot(
             assert rendered.text[span.start:span.trained[0]] == header
 
 
+def test_messages_marked_out_of_order_or_twice_get_their_first_start() -> None:
+    """A template that writes the system message last and marks a message twice: each message
+    starts at its first mark and ends where the next one (by position) starts. A message left
+    unmarked is the template's bug, named."""
+    source = ("{% for m in messages[1:] %}{% message m %}<{{ m.role }}>"
+              "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}|{% endgeneration %}"
+              "{% else %}{% message m %}{{ m.content }}|{% endif %}{% endfor %}"
+              "{% message messages[0] %}<system>{{ messages[0].content }}{% endmessages %}!")
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+            {"role": "assistant", "content": "A"}]
+    rendered = ChatTemplate(name="reordered", source=source).render(chat)
+    assert rendered.text == "<user>U|<assistant>A|<system>S!"
+    assert [(m.index, m.start, m.end) for m in rendered.messages] == [
+        (0, 21, 30), (1, 0, 8), (2, 8, 21)]
+    unmarked = ChatTemplate(name="unmarked", source=source.replace("{% message messages[0] %}",
+                                                                   ""))
+    with pytest.raises(TemplateError, match="did not mark where message 0 starts"):
+        unmarked.render(chat)
+
+
 class _MyChatPlugin:
     """A third-party template plugin, as in docs/templates.md."""
 

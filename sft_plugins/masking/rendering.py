@@ -205,18 +205,17 @@ def _render_messages(prompt: list[dict[str, Any]], rest: list[dict[str, Any]],
     rendered = template.render(messages, tools=tools)
     first = len(prompt)
     turns = tuple(Turn(m.index, m.role, m.trained, completion and m.index >= first,
-                       _reasoning_dropped(messages[m.index], rendered.text, m.trained))
+                       m.trained is not None
+                       and _reasoning_dropped(messages[m.index], rendered.text, m.trained))
                   for m in rendered.messages)
     return RenderedExample(text=rendered.text, turns=turns, has_completion=completion,
                            add_special_tokens=False)
 
 
-def _reasoning_dropped(message: Mapping[str, Any], text: str,
-                       trained: tuple[int, int] | None) -> bool:
-    """Whether the message has reasoning (a field, or a ``<think>`` block closing in its
-    content, as Qwen3 and DeepSeek-R1 data write it) that its trained span does not hold."""
-    if trained is None:  # not a trained turn: nothing of it is dropped from training
-        return False
+def _reasoning_dropped(message: Mapping[str, Any], text: str, trained: tuple[int, int]) -> bool:
+    """Whether the message (a trained turn) has reasoning (a field, or a ``<think>`` block
+    closing in its content, as Qwen3 and DeepSeek-R1 data write it) that its trained span does
+    not hold."""
     reasoning = None if message.keys().isdisjoint(REASONING_KEYS) else reasoning_of(message)
     content = message.get("content")
     if reasoning is None and isinstance(content, str) and "</think>" in content:
