@@ -1,4 +1,5 @@
-"""Worker processes of ``datasets.map`` and the Rust tokenizer's thread pool."""
+"""Worker processes of ``datasets.map``, the Rust tokenizer's thread pool, and the end of a
+distributed run's process group."""
 
 from __future__ import annotations
 
@@ -29,4 +30,19 @@ def tokenizers_parallelism_kept() -> Iterator[None]:
             os.environ[PARALLELISM_ENV] = value  # also calls putenv
 
 
-__all__ = ["PARALLELISM_ENV", "tokenizers_parallelism_kept"]
+def end_process_group() -> None:
+    """Destroy the distributed process group, if one is up, while the interpreter is whole.
+
+    PyTorch asks every distributed program to do this before it exits. Left to the interpreter's
+    own teardown, gloo's worker threads can still hold finished work whose tensors reach back
+    into Python, and the rank aborts (``terminate called without an active exception``,
+    SIGABRT) after a run that trained and saved everything: the launcher then reports the whole
+    job as failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["PARALLELISM_ENV", "end_process_group", "tokenizers_parallelism_kept"]

@@ -470,6 +470,36 @@ def test_ctrl_c_in_a_terminal_reaches_the_dataloader_workers_and_is_said_once(
     assert (out / f"checkpoint-{stopped.group(1)}" / "sft_plugins_complete.json").is_file()
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_command_ends_the_process_group_it_trained_in(chat_model_dir, chat_data_file,
+                                                          tmp_path, monkeypatch, fails):
+    """A launched rank destroys its process group before the interpreter's teardown (where
+    gloo's threads can abort a rank that trained and saved everything), also after an error."""
+    import torch.distributed as dist
+
+    import sft_plugins.training
+    from sft_plugins.errors import ConfigError
+
+    train = sft_plugins.training.train_from_arguments
+
+    def in_a_group(*args, **kwargs):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                world_size=1)
+        if fails:
+            raise ConfigError("a failure after the group was up")
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(sft_plugins.training, "train_from_arguments", in_a_group)
+    try:
+        result = invoke(base_args(chat_model_dir, chat_data_file, tmp_path / "run",
+                                  "--max_steps", "1"))
+        assert result.exit_code == (2 if fails else 0), result.output
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 INSPECT = """
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])

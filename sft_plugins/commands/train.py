@@ -187,11 +187,15 @@ def run(argv: Sequence[str]) -> Any:
     """Parse ``argv``, load everything (failing before any training), train, save, and print
     what happened. A run stopped by SIGTERM or Ctrl-C (after saving its checkpoint) exits
     with 143 or 130."""
+    from sft_plugins.processes import end_process_group
     from sft_plugins.training import train_from_arguments
 
-    outcome = train_from_arguments(*parse(argv))
-    if outcome.trainer.is_world_process_zero():
-        report(outcome)
+    try:
+        outcome = train_from_arguments(*parse(argv))
+        if outcome.trainer.is_world_process_zero():
+            report(outcome)
+    finally:  # a launched rank ends its process group itself, whatever happened
+        end_process_group()
     if outcome.exit_status:
         sys.exit(outcome.exit_status)
     return outcome

@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
+from sft_plugins.processes import end_process_group
 from sft_plugins.trainer import SFTPluginTrainer
 
 
@@ -65,6 +66,7 @@ def main(out: str) -> None:
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     torch.save({"losses": recorder.losses, "weights": weights},
                os.path.join(out, f"rank{rank}.pt"))
+    end_process_group()
 
 
 if __name__ == "__main__":

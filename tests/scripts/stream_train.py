@@ -21,6 +21,7 @@ from sft_plugins import get_plugin_manager
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 from sft_plugins.data import load_sft_dataset
 from sft_plugins.loss import IGNORE_INDEX
+from sft_plugins.processes import end_process_group
 from sft_plugins.trainer import SFTPluginTrainer
 
 
@@ -72,6 +73,7 @@ def main(out: str, batch: int, steps: int, files: list[str]) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump({"seen": trainer.seen, "losses": losses,
                    "sharing": trainer.stream_sharing["train"]}, handle)
+    end_process_group()
 
 
 if __name__ == "__main__":
