@@ -324,15 +324,20 @@ class ChatTemplate:
 
     def _marked_spans(self, chat: list[dict[str, Any]],
                       recording: _jinja.Recording) -> tuple[MessageSpan, ...]:
+        starts: dict[int, int] = {}
+        for index, position in recording.starts:  # a message marked twice starts at the first
+            starts.setdefault(index, position)
+        missing = [i for i in range(len(chat)) if i not in starts]
+        if missing:
+            raise TemplateError(f"chat template {self.name!r} did not mark where message "
+                                f"{missing[0]} starts ({{% message N %}}); this is a bug in the "
+                                "template")
         text_end = recording.length if recording.end is None else recording.end
-        marked = [index for index, _ in recording.starts]
-        positions = [position for _, position in recording.starts]
-        if marked == list(range(len(chat))) and positions == sorted(positions):
-            # the usual case: each message marked once, in order
-            starts = dict(enumerate(positions))
-            ends = [*positions[1:], text_end]
-        else:
-            starts, ends = self._marked_bounds(chat, recording, text_end)
+        # by start, ties by index (sorted is stable); each message ends where the next starts
+        order = sorted(range(len(chat)), key=starts.__getitem__)
+        ends = [text_end] * len(chat)
+        for previous, following in pairwise(order):
+            ends[previous] = starts[following]
         assistants = [i for i, m in enumerate(chat) if m["role"] == "assistant"]
         if len(recording.generations) != len(assistants):
             raise TemplateError(f"chat template {self.name!r} marked "
@@ -342,24 +347,6 @@ class ChatTemplate:
         trained = dict(zip(assistants, recording.generations, strict=True))
         return tuple(MessageSpan(i, chat[i]["role"], starts[i], ends[i], trained.get(i))
                      for i in range(len(chat)))
-
-    def _marked_bounds(self, chat: list[dict[str, Any]], recording: _jinja.Recording,
-                       text_end: int) -> tuple[dict[int, int], list[int]]:
-        """Each message's start and end, whatever order the template marked them in."""
-        starts: dict[int, int] = {}
-        for index, position in recording.starts:  # a message marked twice starts at the first
-            starts.setdefault(index, position)
-        missing = [i for i in range(len(chat)) if i not in starts]
-        if missing:
-            raise TemplateError(f"chat template {self.name!r} did not mark where message "
-                                f"{missing[0]} starts ({{% message N %}}); this is a bug in the "
-                                "template")
-        # by start, ties by index (sorted is stable); each message ends where the next starts
-        order = sorted(range(len(chat)), key=starts.__getitem__)
-        ends = [text_end] * len(chat)
-        for previous, following in pairwise(order):
-            ends[previous] = starts[following]
-        return starts, ends
 
     def _diffed_spans(self, chat: list[dict[str, Any]], variables: dict[str, Any],
                       recording: _jinja.Recording) -> tuple[MessageSpan, ...]:
@@ -590,8 +577,7 @@ def _normalise(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     copied to ``reasoning_content`` and ``thinking``."""
     chat = []
     for message in messages:
-        plain = {key: value if type(value) is str else _plain(value)  # str: nearly every value
-                 for key, value in message.items() if value is not None}
+        plain = {key: _plain(value) for key, value in message.items() if value is not None}
         reasoning = None if plain.keys().isdisjoint(REASONING_KEYS) else reasoning_of(plain)
         if reasoning is not None:
             plain = {"thinking": reasoning, **plain, "reasoning_content": reasoning}
