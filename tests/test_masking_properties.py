@@ -7,6 +7,7 @@ template's character spans; a token is trained exactly when it shares a characte
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from typing import Any
 
@@ -26,6 +27,7 @@ from sft_plugins.masking import (
     WeightedSpan,
     Weighting,
     label_examples,
+    labeller,
     token_ranges_fast,
 )
 from sft_plugins.testing import plugin_manager
@@ -275,6 +277,50 @@ def test_label_examples_on_a_list_gives_the_prepared_rows(
             for r in kept] == [row.get(WEIGHTS_KEY) for row in expected]
     skipped = Counter(r.reason for r in results if isinstance(r, SkipExample))
     assert dict(skipped) == prepared.report.skipped
+
+
+def outcome(result: Labelled | SkipExample) -> tuple[Any, ...]:
+    if isinstance(result, SkipExample):
+        return ("skipped", result.reason, str(result))
+    return (result.input_ids, result.labels, result.loss_weights, result.text)
+
+
+NOTHING_TO_TRAIN = {"messages": [{"role": "user", "content": "only a question"}]}
+
+
+@EXAMPLES
+@given(batch=st.lists(st.one_of(rows(), st.just(NOTHING_TO_TRAIN)), min_size=1, max_size=9),
+       together=st.integers(1, 3), expand=st.sampled_from(["off", "all"]),
+       by_bytes=st.booleans())
+def test_rows_encoded_group_by_group_are_labelled_as_if_alone(
+        setup: dict[str, Any], batch: list[dict[str, Any]], together: int, expand: str,
+        by_bytes: bool) -> None:
+    """Rows go to the tokenizer a few at a time, on another thread, while the next ones are
+    rendered: each gets its own tokens back, skipped rows and expanded rows in between (an
+    off-by-one between the groups would hand a row its neighbour's tokens), and the collator
+    only ever runs on the calling thread. Without the byte-level table, ranges come from the
+    encodings' offsets alone (with it, tokens that do not spell their text are encoded again,
+    which would hide a mix-up)."""
+    template, tokenizer = setup["llama-3.1"]
+    instance = setup["manager"].collators.create("prompt-weighted", pad_token=PAD,
+                                                 on_bad_example="skip", expand=expand)
+    threads: set[int] = set()
+    weigh = instance.weigh
+
+    def weigh_here(rendered: Any) -> Weighting:
+        threads.add(threading.get_ident())
+        return weigh(rendered)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(labeller, "ENCODED_TOGETHER", together)
+        patch.setattr(instance, "weigh", weigh_here)
+        if not by_bytes:
+            patch.setattr(labeller, "byte_level_spans", lambda tokenizer: None)
+        grouped = label_examples(instance, batch, tokenizer, template)
+        alone = [label_examples(instance, [row], tokenizer, template)[0] for row in batch]
+    assert [[outcome(r) for r in row] for row in grouped] == \
+        [[outcome(r) for r in row] for row in alone]
+    assert threads == {threading.get_ident()}
 
 
 # --------------------------------------------------------------- the batch labeller -------

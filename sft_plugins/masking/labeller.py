@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -111,10 +112,14 @@ def label_rows(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]], tok
     they are (no Python list per example)."""
     with without_cycle_collection():
         context = _Context.of(collator, tokenizer, template)
-        weighed = [_weigh(collator, row, context) for row in rows]
-        items = [w for row in weighed for w in row if isinstance(w, _Weighed)]
-        tokens = _tokenize(items, tokenizer, context) if context.fast else \
-            [_encode_slow(item, tokenizer) for item in items]
+        if context.fast:
+            weighed, encodings = _weigh_while_encoding(collator, rows, tokenizer, context)
+            items = _waiting(weighed)
+            tokens = _tokenize(items, encodings, tokenizer, context)
+        else:
+            weighed = [_weigh(collator, row, context) for row in rows]
+            items = _waiting(weighed)
+            tokens = [_encode_slow(item, tokenizer) for item in items]
         encoded = [k for k, found in enumerate(tokens) if not isinstance(found, SkipExample)]
         labelled = label_token_batch(collator, [items[k].weighting for k in encoded],
                                      [tokens[k][0] for k in encoded],  # type: ignore[index]
@@ -223,13 +228,44 @@ def _skip(reason: str, error: SFTPluginsError) -> SkipExample:
     return skip
 
 
-def _tokenize(items: list[_Weighed], tokenizer: Any,
+def _waiting(weighed: list[list[_Weighed | SkipExample]]) -> list[_Weighed]:
+    """The examples that still wait for their tokens, in order."""
+    return [w for row in weighed for w in row if isinstance(w, _Weighed)]
+
+
+ENCODED_TOGETHER = 128
+"""Rows rendered before their examples go to the tokenizer, while the next rows are rendered."""
+
+
+def _weigh_while_encoding(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]],
+                          tokenizer: Any, context: _Context
+                          ) -> tuple[list[list[_Weighed | SkipExample]], list[Any]]:
+    """Every row weighed (:func:`_weigh`) and every waiting example encoded, side by side.
+
+    The fast tokenizer's batched encoding runs in Rust without holding the GIL, and rendering
+    is Python: so each ``ENCODED_TOGETHER`` rows, once rendered, are encoded on a second thread
+    while the main thread renders the next ones. On a machine with a core to spare (always,
+    when ``TOKENIZERS_PARALLELISM=false`` or in a forked worker, where the tokenizer keeps to
+    one thread) the rendering costs next to no time: preparation takes about as long as the
+    tokenization alone. The rows are weighed in order on the calling thread, so a collator or
+    template never runs on another thread, and an error while rendering is raised here.
+    """
+    weighed: list[list[_Weighed | SkipExample]] = []
+    pending: list[Future[list[Any]]] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sft-plugins-encode") as encoder:
+        for start in range(0, len(rows), ENCODED_TOGETHER):
+            some = [_weigh(collator, row, context) for row in rows[start:start + ENCODED_TOGETHER]]
+            weighed += some
+            pending.append(encoder.submit(encode_batch, [w.rendered for w in _waiting(some)],
+                                          tokenizer, offsets=context.byte_level is None))
+        return weighed, [encoding for future in pending for encoding in future.result()]
+
+
+def _tokenize(items: list[_Weighed], encodings: list[Any], tokenizer: Any,
               context: _Context) -> list[tuple[list[int], TokenRanges]]:
-    """Token ids and each span's token range, from one batched call to the fast tokenizer: for
-    a byte-level tokenizer, by byte lengths, the batch at once, where they add up; else, or
-    where they do not, from offsets."""
-    encodings = encode_batch([item.rendered for item in items], tokenizer,
-                             offsets=context.byte_level is None)
+    """Token ids and each span's token range, from the items' encodings by the fast tokenizer
+    (:func:`_weigh_while_encoding`): for a byte-level tokenizer, by byte lengths, the batch at
+    once, where they add up; else, or where they do not, from offsets."""
     ids = [encoding.ids for encoding in encodings]
     by_bytes: list[TokenRanges | None] = [None] * len(items)
     if context.byte_level is not None:
