@@ -1,8 +1,9 @@
 """The one labeller: rows in, the ``input_ids``/``labels``/``loss_weights`` training sees out.
 
 :func:`label_examples` renders a list of rows (:mod:`.rendering`), lets the collator weigh them,
-tokenizes them in one batched call, finds each span's tokens (:mod:`.alignment`) and labels and
-truncates them (:mod:`.labels`), the whole batch as flat token columns (:func:`label_rows`).
+tokenizes them in batched calls (on a second thread, beside the rendering), finds each span's
+tokens (:mod:`.alignment`) and labels and truncates them (:mod:`.labels`), the whole batch as
+flat token columns (:func:`label_rows`).
 Preparation (:mod:`.preparation`) runs that inside ``datasets.map`` and writes the columns to
 Arrow as they are; anything that wants to show what training would learn from a row (``render``)
 calls it on a plain list and gets the same answer. Special-token text inside the data is kept as
