@@ -21,7 +21,7 @@ from sft_plugins.masking import (
     token_ranges_fast,
     token_weights,
 )
-from sft_plugins.masking.alignment import encode_batch
+from sft_plugins.masking.alignment import encode_batch, unpadded_backend
 from sft_plugins.testing import plugin_manager
 
 CONVERSATION = [
@@ -392,7 +392,7 @@ def test_padding_left_switched_on_in_the_tokenizer_backend_does_not_leak() -> No
     padded(["a", "a much longer text"], padding=True)
     examples = [RenderedExample(text, (), False, False) for text in ("a", "a b c d e f")]
     for offsets in (True, False):
-        encodings = encode_batch(examples, padded, offsets=offsets)
+        encodings = encode_batch(examples, unpadded_backend(padded), offsets=offsets)
         assert [len(e.ids) for e in encodings] == [1, 6]
     assert padded.backend_tokenizer.padding is not None  # the caller's tokenizer is untouched
 

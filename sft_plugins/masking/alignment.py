@@ -199,12 +199,12 @@ def byte_level_spans(tokenizer: Any) -> ByteLevelSpans | None:
 # ------------------------------------------------------------------ fast encoding ----------
 
 
-def encode_batch(rendered: Sequence[RenderedExample], tokenizer: Any, *,
+def encode_batch(rendered: Sequence[RenderedExample], backend: Any, *,
                  offsets: bool = True) -> list[Any]:
-    """Encodings for a batch, in one call to the fast tokenizer's backend per value of
-    ``add_special_tokens`` (its Rust ``encode_batch`` gives offsets without converting them to
-    Python; with ``offsets=False``, ``encode_batch_fast`` skips them where it can)."""
-    backend = _unpadded(tokenizer.backend_tokenizer)
+    """Encodings for a batch, in one call to the fast tokenizer's backend (from
+    :func:`unpadded_backend`) per value of ``add_special_tokens`` (its Rust ``encode_batch``
+    gives offsets without converting them to Python; with ``offsets=False``,
+    ``encode_batch_fast`` skips them where it can)."""
     out: list[Any] = [None] * len(rendered)
     for flag in (False, True):
         positions = [i for i, r in enumerate(rendered) if r.add_special_tokens is flag]
@@ -219,13 +219,15 @@ def encode_batch(rendered: Sequence[RenderedExample], tokenizer: Any, *,
     return out
 
 
-def _unpadded(backend: Any) -> Any:
-    """``backend``, or a copy of it with padding and truncation switched off.
+def unpadded_backend(tokenizer: Any) -> Any:
+    """The fast tokenizer's Rust backend, or a copy of it with padding and truncation switched
+    off (found once per labelling call: the copy is the whole vocabulary).
 
     A batched ``tokenizer(..., padding=True)`` call leaves padding switched on in the shared
     backend (and ``save_pretrained`` writes it to tokenizer.json); encoding with it would pad
     every example to its batch's longest with unmasked pad tokens.
     """
+    backend = tokenizer.backend_tokenizer
     if backend.padding is None and backend.truncation is None:
         return backend
     backend = copy.deepcopy(backend)

@@ -38,6 +38,7 @@ from sft_plugins.masking.alignment import (
     encode_batch,
     encode_slow,
     token_ranges_fast,
+    unpadded_backend,
 )
 from sft_plugins.masking.labels import (
     LabelledTokens,
@@ -168,6 +169,8 @@ class _Context:
     special: SpecialText | None
     """The tokenizer's special tokens, when their text in the data is to stay text."""
     byte_level: ByteLevelSpans | None
+    backend: Any
+    """The fast tokenizer's backend, without padding (:func:`unpadded_backend`)."""
 
     @classmethod
     def of(cls, collator: MaskingCollator, tokenizer: Any,
@@ -177,7 +180,8 @@ class _Context:
         return cls(eos_text=template.eos_token if template is not None else tokenizer.eos_token,
                    template=template, fast=fast,
                    special=special_text(tokenizer) if literal else None,
-                   byte_level=byte_level_spans(tokenizer) if fast else None)
+                   byte_level=byte_level_spans(tokenizer) if fast else None,
+                   backend=unpadded_backend(tokenizer) if fast else None)
 
 
 @dataclass(frozen=True)
@@ -258,7 +262,7 @@ def _weigh_while_encoding(collator: MaskingCollator, rows: Sequence[Mapping[str,
             some = [_weigh(collator, row, context) for row in rows[start:start + ENCODED_TOGETHER]]
             weighed += some
             pending.append(encoder.submit(encode_batch, [w.rendered for w in _waiting(some)],
-                                          tokenizer, offsets=context.byte_level is None))
+                                          context.backend, offsets=context.byte_level is None))
         return weighed, [encoding for future in pending for encoding in future.result()]
 
 
@@ -279,7 +283,7 @@ def _tokenize(items: list[_Weighed], encodings: list[Any], tokenizer: Any,
             by_bytes[k] = ranges
     encoder = plain_encoder(tokenizer) if any(item.literal for item in items) else None
     return [(ids[k], ranges) if ranges is not None else
-            _align(item, encodings[k], tokenizer, context, encoder)
+            _align(item, encodings[k], context, encoder)
             for k, (item, ranges) in enumerate(zip(items, by_bytes, strict=True))]
 
 
@@ -291,13 +295,13 @@ def _encode_slow(item: _Weighed, tokenizer: Any) -> tuple[list[int], TokenRanges
         return _skip("invalid", error)
 
 
-def _align(item: _Weighed, encoding: Any, tokenizer: Any, context: _Context,
+def _align(item: _Weighed, encoding: Any, context: _Context,
            encoder: Any) -> tuple[list[int], TokenRanges]:
     """Ids and ranges from a fast encoding's offsets (the byte lengths did not add up, or the
     tokenizer is not byte-level); special-token text from the data spliced back in as the
     plain text it is."""
     text, spans = item.rendered.text, item.weighting.spans
-    encoding = _with_offsets(item, encoding, tokenizer, context)
+    encoding = _with_offsets(item, encoding, context)
     if item.literal:
         ids, offsets = splice(encoding.ids, encoding.offsets, text, item.literal,
                               context.special, encoder)  # type: ignore[arg-type]
@@ -305,12 +309,12 @@ def _align(item: _Weighed, encoding: Any, tokenizer: Any, context: _Context,
     return encoding.ids, token_ranges_fast(encoding, spans)
 
 
-def _with_offsets(item: _Weighed, encoding: Any, tokenizer: Any, context: _Context) -> Any:
+def _with_offsets(item: _Weighed, encoding: Any, context: _Context) -> Any:
     """The item's encoding with offsets: the batch's, or, when the batch was encoded without
     them (byte-level tokenizers), once more with them."""
     if context.byte_level is None:
         return encoding
-    return encode_batch([item.rendered], tokenizer)[0]
+    return encode_batch([item.rendered], context.backend)[0]
 
 
 __all__ = ["Labelled", "LabelledRows", "label_examples", "label_rows"]
