@@ -115,7 +115,7 @@ def label_rows(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]], tok
     with without_cycle_collection():
         context = _Context.of(collator, tokenizer, template)
         if context.fast:
-            weighed, encodings = _weigh_while_encoding(collator, rows, tokenizer, context)
+            weighed, encodings = _weigh_while_encoding(collator, rows, context)
             items = _waiting(weighed)
             tokens = _tokenize(items, encodings, tokenizer, context)
         else:
@@ -243,16 +243,17 @@ ENCODED_TOGETHER = 128
 
 
 def _weigh_while_encoding(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]],
-                          tokenizer: Any, context: _Context
+                          context: _Context
                           ) -> tuple[list[list[_Weighed | SkipExample]], list[Any]]:
     """Every row weighed (:func:`_weigh`) and every waiting example encoded, side by side.
 
     The fast tokenizer's batched encoding runs in Rust without holding the GIL, and rendering
     is Python: so each ``ENCODED_TOGETHER`` rows, once rendered, are encoded on a second thread
-    while the main thread renders the next ones. On a machine with a core to spare (always,
-    when ``TOKENIZERS_PARALLELISM=false`` or in a forked worker, where the tokenizer keeps to
-    one thread) the rendering costs next to no time: preparation takes about as long as the
-    tokenization alone. The rows are weighed in order on the calling thread, so a collator or
+    while the main thread renders the next ones. Where the tokenizer keeps to one thread
+    (``TOKENIZERS_PARALLELISM=false``, and in forked workers) and a core is free, the rendering
+    hides behind the tokenization: about 0.9x the wall time of rendering first, for 1.07x to
+    1.12x the CPU time (benchmarks/README.md); with the tokenizer's own thread pool, about the
+    same time as before. The rows are weighed in order on the calling thread, so a collator or
     template never runs on another thread, and an error while rendering is raised here.
     """
     weighed: list[list[_Weighed | SkipExample]] = []
