@@ -500,6 +500,36 @@ def test_the_command_ends_the_process_group_it_trained_in(chat_model_dir, chat_d
             dist.destroy_process_group()
 
 
+def test_the_command_frees_the_trained_model_before_it_ends_the_process_group(
+        chat_model_dir, chat_data_file, tmp_path, monkeypatch):
+    """Freed only in the interpreter's teardown, a wrapped model can make a gloo thread reach
+    back into Python and abort a rank that trained and saved everything."""
+    import weakref
+
+    import sft_plugins.processes
+    import sft_plugins.training
+
+    train, end = sft_plugins.training.train_from_arguments, sft_plugins.processes.end_process_group
+    seen: dict[str, object] = {}
+
+    def remembering(*args, **kwargs):
+        outcome = train(*args, **kwargs)
+        seen["model"] = weakref.ref(outcome.trainer.model)
+        seen["trainer"] = weakref.ref(outcome.trainer)
+        return outcome
+
+    def ending():
+        seen["alive at the end"] = [name for name in ("model", "trainer") if seen[name]()]
+        end()
+
+    monkeypatch.setattr(sft_plugins.training, "train_from_arguments", remembering)
+    monkeypatch.setattr(sft_plugins.processes, "end_process_group", ending)
+    result = invoke(base_args(chat_model_dir, chat_data_file, tmp_path / "run",
+                              "--max_steps", "1"))
+    assert result.exit_code == 0, result.output
+    assert seen["alive at the end"] == []
+
+
 INSPECT = """
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])

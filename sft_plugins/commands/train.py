@@ -10,6 +10,7 @@ or ``--config run.yaml`` anywhere, supplies any of these; flags given on the com
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import signal
@@ -183,10 +184,15 @@ def parse(argv: Sequence[str]) -> tuple[Any, ...]:
     return model_args, data_args, plugin_args, training_args, options
 
 
-def run(argv: Sequence[str]) -> Any:
+def run(argv: Sequence[str]) -> int:
     """Parse ``argv``, load everything (failing before any training), train, save, and print
-    what happened. A run stopped by SIGTERM or Ctrl-C (after saving its checkpoint) exits
-    with 143 or 130."""
+    what happened; return the exit status (143 or 130 for a run stopped by SIGTERM or Ctrl-C
+    after saving its checkpoint).
+
+    The run's objects (the model wrapped by DDP or FSDP, the accelerator, the optimizer) are
+    freed here, before the process group ends, while the interpreter is whole: freed during
+    its teardown instead, a gloo thread can reach back into Python for them and abort a rank
+    that trained and saved everything."""
     from sft_plugins.processes import end_process_group
     from sft_plugins.training import train_from_arguments
 
@@ -194,11 +200,12 @@ def run(argv: Sequence[str]) -> Any:
         outcome = train_from_arguments(*parse(argv))
         if outcome.trainer.is_world_process_zero():
             report(outcome)
+        exit_status = outcome.exit_status
+        del outcome
+        gc.collect()  # the trainer and its model sit in reference cycles
     finally:  # a launched rank ends its process group itself, whatever happened
         end_process_group()
-    if outcome.exit_status:
-        sys.exit(outcome.exit_status)
-    return outcome
+    return exit_status
 
 
 def report(outcome: Any) -> None:
@@ -245,4 +252,6 @@ def train_command(ctx: click.Context) -> None:
     if any(a in ("-h", "--help") for a in ctx.args):
         _parser().print_help()
         return
-    run(ctx.args)
+    exit_status = run(ctx.args)
+    if exit_status:
+        sys.exit(exit_status)
