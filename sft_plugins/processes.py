@@ -3,6 +3,7 @@ distributed run's process group."""
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,16 +32,21 @@ def tokenizers_parallelism_kept() -> Iterator[None]:
 
 
 def end_process_group() -> None:
-    """Destroy the distributed process group, if one is up, while the interpreter is whole.
+    """Free what is left of the run and destroy the distributed process group, if one is up,
+    while the interpreter is whole. Call it once the trainer and its model are out of reach
+    (returned from the function that trained, or deleted).
 
-    PyTorch asks every distributed program to do this before it exits. Left to the interpreter's
-    own teardown, gloo's worker threads can still hold finished work whose tensors reach back
-    into Python, and the rank aborts (``terminate called without an active exception``,
-    SIGABRT) after a run that trained and saved everything: the launcher then reports the whole
-    job as failed.
+    PyTorch asks every distributed program to destroy its group before it exits. Left to the
+    interpreter's own teardown, gloo's worker threads can still hold finished work whose
+    tensors reach back into Python, and the rank aborts (``terminate called without an active
+    exception``, SIGABRT) after a run that trained and saved everything: the launcher then
+    reports the whole job as failed. The trainer, the DDP- or FSDP-wrapped model and the
+    accelerator refer to each other, so only the cycle collector frees them; it runs here,
+    before the group goes, rather than during the teardown.
     """
     import torch.distributed as dist
 
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -502,32 +502,40 @@ def test_the_command_ends_the_process_group_it_trained_in(chat_model_dir, chat_d
 
 def test_the_command_frees_the_trained_model_before_it_ends_the_process_group(
         chat_model_dir, chat_data_file, tmp_path, monkeypatch):
-    """Freed only in the interpreter's teardown, a wrapped model can make a gloo thread reach
-    back into Python and abort a rank that trained and saved everything."""
+    """Freed only in the interpreter's teardown, after the group, the wrapped model can make a
+    gloo thread reach back into Python and abort a rank that trained and saved everything."""
     import weakref
 
-    import sft_plugins.processes
+    import torch.distributed as dist
+
     import sft_plugins.training
 
-    train, end = sft_plugins.training.train_from_arguments, sft_plugins.processes.end_process_group
+    train, destroy = sft_plugins.training.train_from_arguments, dist.destroy_process_group
     seen: dict[str, object] = {}
 
-    def remembering(*args, **kwargs):
+    def in_a_group(*args, **kwargs):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                                world_size=1)
         outcome = train(*args, **kwargs)
         seen["model"] = weakref.ref(outcome.trainer.model)
         seen["trainer"] = weakref.ref(outcome.trainer)
         return outcome
 
-    def ending():
-        seen["alive at the end"] = [name for name in ("model", "trainer") if seen[name]()]
-        end()
+    def destroying(*args, **kwargs):
+        seen["alive when the group ends"] = [name for name in ("model", "trainer")
+                                             if seen[name]()]
+        destroy(*args, **kwargs)
 
-    monkeypatch.setattr(sft_plugins.training, "train_from_arguments", remembering)
-    monkeypatch.setattr(sft_plugins.processes, "end_process_group", ending)
-    result = invoke(base_args(chat_model_dir, chat_data_file, tmp_path / "run",
-                              "--max_steps", "1"))
-    assert result.exit_code == 0, result.output
-    assert seen["alive at the end"] == []
+    monkeypatch.setattr(sft_plugins.training, "train_from_arguments", in_a_group)
+    monkeypatch.setattr(dist, "destroy_process_group", destroying)
+    try:
+        result = invoke(base_args(chat_model_dir, chat_data_file, tmp_path / "run",
+                                  "--max_steps", "1"))
+        assert result.exit_code == 0, result.output
+        assert seen["alive when the group ends"] == []
+    finally:
+        if dist.is_initialized():
+            destroy()
 
 
 INSPECT = """

@@ -10,7 +10,6 @@ or ``--config run.yaml`` anywhere, supplies any of these; flags given on the com
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 import signal
@@ -190,9 +189,7 @@ def run(argv: Sequence[str]) -> int:
     after saving its checkpoint).
 
     The run's objects (the model wrapped by DDP or FSDP, the accelerator, the optimizer) are
-    freed here, before the process group ends, while the interpreter is whole: freed during
-    its teardown instead, a gloo thread can reach back into Python for them and abort a rank
-    that trained and saved everything."""
+    let go before the process group ends, which frees them (:func:`end_process_group`)."""
     from sft_plugins.processes import end_process_group
     from sft_plugins.training import train_from_arguments
 
@@ -202,7 +199,6 @@ def run(argv: Sequence[str]) -> int:
             report(outcome)
         exit_status = outcome.exit_status
         del outcome
-        gc.collect()  # the trainer and its model sit in reference cycles
     finally:  # a launched rank ends its process group itself, whatever happened
         end_process_group()
     return exit_status

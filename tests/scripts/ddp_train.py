@@ -66,8 +66,8 @@ def main(out: str) -> None:
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     torch.save({"losses": recorder.losses, "weights": weights},
                os.path.join(out, f"rank{rank}.pt"))
-    end_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_process_group()  # the trainer is out of reach: it is freed first

@@ -73,8 +73,8 @@ def main(out: str, batch: int, steps: int, files: list[str]) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as handle:
         json.dump({"seen": trainer.seen, "losses": losses,
                    "sharing": trainer.stream_sharing["train"]}, handle)
-    end_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])
+    end_process_group()  # the trainer is out of reach: it is freed first
