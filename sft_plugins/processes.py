@@ -32,9 +32,9 @@ def tokenizers_parallelism_kept() -> Iterator[None]:
 
 
 def end_process_group() -> None:
-    """Free what is left of the run and destroy the distributed process group, if one is up,
-    while the interpreter is whole. Call it once the trainer and its model are out of reach
-    (returned from the function that trained, or deleted).
+    """Destroy the distributed process group, if one is up, while the interpreter is whole,
+    after freeing what is left of the run. Call it once the trainer and its model are out of
+    reach (returned from the function that trained, or deleted).
 
     PyTorch asks every distributed program to destroy its group before it exits. Left to the
     interpreter's own teardown, gloo's worker threads can still hold finished work whose
@@ -46,8 +46,8 @@ def end_process_group() -> None:
     """
     import torch.distributed as dist
 
-    gc.collect()
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
