@@ -115,8 +115,7 @@ def label_rows(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]], tok
     with without_cycle_collection():
         context = _Context.of(collator, tokenizer, template)
         if context.fast:
-            weighed, encodings = _weigh_while_encoding(collator, rows, context)
-            items = _waiting(weighed)
+            weighed, items, encodings = _weigh_while_encoding(collator, rows, context)
             tokens = _tokenize(items, encodings, tokenizer, context)
         else:
             weighed = [_weigh(collator, row, context) for row in rows]
@@ -244,8 +243,10 @@ ENCODED_TOGETHER = 128
 
 def _weigh_while_encoding(collator: MaskingCollator, rows: Sequence[Mapping[str, Any]],
                           context: _Context
-                          ) -> tuple[list[list[_Weighed | SkipExample]], list[Any]]:
-    """Every row weighed (:func:`_weigh`) and every waiting example encoded, side by side.
+                          ) -> tuple[list[list[_Weighed | SkipExample]], list[_Weighed],
+                                     list[Any]]:
+    """Every row weighed (:func:`_weigh`) and every waiting example (:func:`_waiting`) encoded,
+    side by side.
 
     The fast tokenizer's batched encoding runs in Rust without holding the GIL, and rendering
     is Python: so each ``ENCODED_TOGETHER`` rows, once rendered, are encoded on a second thread
@@ -257,14 +258,17 @@ def _weigh_while_encoding(collator: MaskingCollator, rows: Sequence[Mapping[str,
     template never runs on another thread, and an error while rendering is raised here.
     """
     weighed: list[list[_Weighed | SkipExample]] = []
+    items: list[_Weighed] = []
     pending: list[Future[list[Any]]] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sft-plugins-encode") as encoder:
         for start in range(0, len(rows), ENCODED_TOGETHER):
             some = [_weigh(collator, row, context) for row in rows[start:start + ENCODED_TOGETHER]]
+            waiting = _waiting(some)
             weighed += some
-            pending.append(encoder.submit(encode_batch, [w.rendered for w in _waiting(some)],
+            items += waiting
+            pending.append(encoder.submit(encode_batch, [w.rendered for w in waiting],
                                           context.backend, offsets=context.byte_level is None))
-        return weighed, [encoding for future in pending for encoding in future.result()]
+        return weighed, items, [encoding for future in pending for encoding in future.result()]
 
 
 def _tokenize(items: list[_Weighed], encodings: list[Any], tokenizer: Any,
