@@ -2,8 +2,9 @@
 
 Run: ``python -m benchmarks.streaming [--sections memory,speed,packing] [--large 2000000]``.
 
-Both sections train the CLI's way (``sft_plugins.training.train_from_arguments``: the same data
-loading, labelling, packing and Trainer as ``sft-plugins train``) a tiny Llama with the shipped
+Both sections train the CLI's way (the steps of ``sft_plugins.training.train_from_arguments``:
+the same data loading, labelling, packing and Trainer as ``sft-plugins train``; a callback ends
+each run where its one pass over the data ends) a tiny Llama with the shipped
 tokenizer (2 304 entries, so the model costs little next to the data) on short conversations
 (``benchmarks.data_loading.conversation``: an optional system prompt and one to three turns,
 one bad line in the middle, skipped), each run in a fresh process that reports its own peak RSS.
@@ -110,8 +111,21 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import datasets
 
     datasets.disable_progress_bars()
+    from transformers import TrainerCallback
+
+    from sft_plugins.arguments import check_arguments
     from sft_plugins.commands.train import parse
-    from sft_plugins.training import train_from_arguments
+    from sft_plugins.manager import get_plugin_manager
+    from sft_plugins.training import build_trainer
+    from sft_plugins.training import run as train
+
+    class OnePass(TrainerCallback):
+        """Ends training where the stream's first pass ends: a stream has no length, so
+        ``--max_steps`` only bounds the run, and the Trainer would go on into a second pass."""
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            control.should_training_stop = True
+            return control
 
     argv = ["--model_name_or_path", spec["model"], "--dataset", spec["data"], "--template",
             "llama-3.1", "--output_dir", spec["output_dir"], "--on_bad_example", "skip",
@@ -122,7 +136,11 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["packing"]:
         argv += ["--packing", "true", "--max_length", str(spec["max_length"])]
     started = time.perf_counter()
-    run = train_from_arguments(*parse(argv))
+    parsed = parse(argv)
+    check_arguments(*parsed[:4])
+    trainer, loaded = build_trainer(*parsed, get_plugin_manager())
+    trainer.add_callback(OnePass())
+    run = train(trainer, loaded)
     wall = time.perf_counter() - started
     trainer = run.trainer
     runtime = next(h["train_runtime"] for h in trainer.state.log_history
@@ -150,6 +168,8 @@ def spawn(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def one_pass_steps(examples: int, batch: int) -> int:
+    """Steps of one pass when every row of a batch is one example; with packing (several
+    examples a row) a bound, and :func:`child` stops where the pass ends."""
     return math.ceil(examples / batch)
 
 
@@ -163,12 +183,12 @@ def bench_memory(args: argparse.Namespace, directory: Path, model: Path) -> dict
         data = write_data(directory / f"conversations-{n}.jsonl", n)
         sizes[n] = round(data.stat().st_size / (1 << 20), 1)
         for packing in (False, True):
-            # a packed row holds several examples: as many steps as one pass of packed rows
+            # a packed row holds several examples: fewer rows a step, about as many examples
             batch = args.batch // args.rows_per_packed if packing else args.batch
             specs[f"{n} {'packed' if packing else 'padded'}"] = {
                 "model": str(model), "data": str(data), "streaming": True, "packing": packing,
                 "max_length": args.max_length, "batch": batch,
-                "steps": one_pass_steps(n, args.batch), "cache_dir": str(directory / "c"),
+                "steps": one_pass_steps(n, batch), "cache_dir": str(directory / "c"),
                 "output_dir": str(directory / f"out-{n}-{packing}"), "threads": args.threads,
                 "file_mib": sizes[n]}
 
