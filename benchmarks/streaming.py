@@ -12,10 +12,11 @@ one bad line in the middle, skipped), each run in a fresh process that reports i
 ``memory``: ``--streaming`` over one pass of ``--small`` conversations and of ``--large`` ones,
 unpacked and packed (``--packing``, rows of ``--max-length`` tokens, best-fit over the default
 buffer). Memory stays flat when the large run's peak RSS is within 1.2x (``GOAL_MEMORY``) of
-the small run's. The large file (about 230 MB per million conversations) is written once into
+the small run's. The large file (about 290 MiB per million conversations) is written once into
 ``--data-dir`` and kept there for the next run (``--data-dir`` defaults to a temporary
-directory removed afterwards). A pass over 2 M conversations takes about 40 minutes on 2 cores:
-``--jobs 2 --threads 1`` runs two at a time, one torch thread each.
+directory removed afterwards). A pass over 2 M conversations takes 40 to 70 minutes on 2 cores:
+``--jobs 2 --threads 1`` runs two at a time, one torch thread each, and ``--kinds packed`` (or
+``padded``) measures one kind only.
 
 ``speed``: the same run on ``--speed-examples`` conversations with ``--streaming`` and with
 map-style data (prepared before training into a fresh ``datasets`` cache, as a first run would),
@@ -53,6 +54,8 @@ from benchmarks.data_loading import conversation, peak_rss_mib
 
 GOAL_MEMORY = 1.2
 """The large run's peak RSS over the small run's (issue 16, item 4)."""
+KINDS = ("padded", "packed")
+"""The memory section's runs: batches padded to their longest row, or packed rows."""
 GOAL_SPEED = 1.2
 """Map-style examples/s over streaming's (issue 16, item 5)."""
 
@@ -182,10 +185,11 @@ def bench_memory(args: argparse.Namespace, directory: Path, model: Path) -> dict
     for n in (args.small, args.large):
         data = write_data(directory / f"conversations-{n}.jsonl", n)
         sizes[n] = round(data.stat().st_size / (1 << 20), 1)
-        for packing in (False, True):
+        for kind in args.kinds:
+            packing = kind == "packed"
             # a packed row holds several examples: fewer rows a step, about as many examples
             batch = args.batch // args.rows_per_packed if packing else args.batch
-            specs[f"{n} {'packed' if packing else 'padded'}"] = {
+            specs[f"{n} {kind}"] = {
                 "model": str(model), "data": str(data), "streaming": True, "packing": packing,
                 "max_length": args.max_length, "batch": batch,
                 "steps": one_pass_steps(n, batch), "cache_dir": str(directory / "c"),
@@ -205,7 +209,7 @@ def bench_memory(args: argparse.Namespace, directory: Path, model: Path) -> dict
         results = dict(pool.map(measured, specs))
     ratios = {kind: round(results[f"{args.large} {kind}"]["peak_rss_mib"]
                           / results[f"{args.small} {kind}"]["peak_rss_mib"], 3)
-              for kind in ("padded", "packed")}
+              for kind in args.kinds}
     return {"runs": results, "peak_rss_ratio_large_over_small": ratios,
             "goal": f"<= {GOAL_MEMORY}",
             "met": all(r <= GOAL_MEMORY for r in ratios.values())}
@@ -274,6 +278,16 @@ def bench_packing(args: argparse.Namespace) -> dict[str, Any]:
             "fill": results}
 
 
+def kinds(text: str) -> list[str]:
+    """``--kinds``: a comma-separated subset of :data:`KINDS`, in their order."""
+    named = text.split(",")
+    unknown = sorted(set(named) - set(KINDS))
+    if unknown or not named:
+        raise argparse.ArgumentTypeError(f"unknown kind(s) {', '.join(unknown)}; expected "
+                                         f"{' and/or '.join(KINDS)}, comma-separated")
+    return [kind for kind in KINDS if kind in named]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="memory,speed,packing")
@@ -282,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--speed-examples", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--kinds", type=kinds, default=list(KINDS),
+                        help="memory: padded, packed or both (a pass over 2 M takes an hour)")
     parser.add_argument("--rows-per-packed", type=int, default=4,
                         help="examples a packed row holds, about (packed batch: batch / this)")
     parser.add_argument("--repeats", type=int, default=3)
