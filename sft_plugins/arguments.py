@@ -65,7 +65,9 @@ class DataArguments:
     on_bad_example: str = field(default="error", metadata={
         "help": "error: stop at the first bad example; skip: drop, count and report them."})
     dataset_num_proc: int | None = field(default=None, metadata={
-        "help": "Processes for data preparation (default: every core for large data)."})
+        "help": "Processes for data preparation. Reading and checking the rows default to "
+                "every core for 20 000 rows or more; tokenizing and masking default to one "
+                "process, beside the tokenizer's own threads."})
     streaming: bool = field(default=False, metadata={
         "help": "Read, validate, label (and pack) the data while training reads it, in "
                 "constant memory, instead of all of it before step 1; needs --max_steps. "
