@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,12 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from sft_plugins.assets import LLAMA3_TOKENIZER_DIR
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # a suite started in the background (``nohup``, or ``&`` in a script) inherits Ctrl-C
+    # ignored, and so would every process it starts; the Ctrl-C tests need it delivered, as it
+    # is in a terminal (a process started from here gets it at its default again)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 pytest_plugins = ["pytester", "skip_policy"]  # skip_policy.py, beside this file
 
