@@ -282,7 +282,7 @@ def kinds(text: str) -> list[str]:
     """``--kinds``: a comma-separated subset of :data:`KINDS`, in their order."""
     named = text.split(",")
     unknown = sorted(set(named) - set(KINDS))
-    if unknown or not named:
+    if unknown:
         raise argparse.ArgumentTypeError(f"unknown kind(s) {', '.join(unknown)}; expected "
                                          f"{' and/or '.join(KINDS)}, comma-separated")
     return [kind for kind in KINDS if kind in named]
